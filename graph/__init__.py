@@ -1,0 +1,1 @@
+"""Prism's application: pure request/routing logic; only app.py imports Ray."""

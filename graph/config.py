@@ -1,0 +1,64 @@
+"""Serve-config files as data: load a profile, validate its app args and routing policy without Ray."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_serve_config(path: str | Path) -> dict:
+    return yaml.safe_load(Path(path).read_text())
+
+
+def prism_app(config: dict, name: str = "prism") -> dict:
+    """The Prism application block of a serve config."""
+    for app in config.get("applications", []):
+        if app.get("name") == name:
+            return app
+    raise ValueError(f"no application named {name!r} in the serve config")
+
+
+def deployment_block(app: dict, name: str) -> dict:
+    for d in app.get("deployments", []):
+        if d.get("name") == name:
+            return d
+    return {}
+
+
+def validate_profile(path: str | Path) -> list[str]:
+    """Every problem in a profile (app args, routing policy vs tiers); empty when it is deployable."""
+    from graph.app import AppArgs, generator_deployment_name
+    from graph.routing import load_policy
+
+    problems = []
+    app = prism_app(load_serve_config(path))
+    try:
+        args = AppArgs.model_validate(app.get("args", {}))
+    except Exception as e:
+        return [f"args: {e}"]
+    ingress = deployment_block(app, "Ingress")
+    try:
+        load_policy((ingress.get("user_config") or {}).get("routing", {}), tiers=set(args.tiers))
+    except ValueError as e:
+        problems.append(str(e))
+    known = {"Ingress", "IntentClassifier", "Upscaler", *(generator_deployment_name(t) for t in args.tiers)}
+    for d in app.get("deployments", []):
+        if d.get("name") not in known:
+            problems.append(f"deployments: {d.get('name')!r} is not a deployment of this app ({sorted(known)})")
+    return problems
+
+
+if __name__ == "__main__":
+    # python -m graph.config serve_config.yaml: check a profile (and its routing policy) before `serve deploy`.
+    bad = 0
+    for p in sys.argv[1:] or [str(ROOT / "serve_config.yaml")]:
+        problems = validate_profile(p)
+        print(f"{p}: {'ok' if not problems else 'INVALID'}")
+        for prob in problems:
+            print(f"  - {prob}")
+        bad += bool(problems)
+    sys.exit(1 if bad else 0)

@@ -1,0 +1,74 @@
+"""One error tree: every failure Prism reports to a client is a PrismError carrying its HTTP status."""
+
+from __future__ import annotations
+
+
+class PrismError(Exception):
+    """Base of every error Prism maps to HTTP; anything else is a logged 500 with the request id."""
+
+    status_code: int = 500
+    code: str = "internal_error"
+    error_type: str = "server_error"
+
+    def __init__(self, message: str, *, param: str | None = None, headers: dict[str, str] | None = None,
+                 details: list | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.headers = dict(headers or {})
+        self.details = list(details or [])
+
+    def body(self, request_id: str) -> dict:
+        """The JSON error body (OpenAI's `error` shape plus the request id)."""
+        err = {"message": self.message, "type": self.error_type, "param": self.param, "code": self.code,
+               "request_id": request_id}
+        if self.details:
+            err["details"] = self.details
+        return {"error": err}
+
+
+class InvalidRequest(PrismError):
+    """A field is outside its allowed range; the message names the field and the range."""
+
+    status_code = 422
+    code = "invalid_value"
+    error_type = "invalid_request_error"
+
+
+class NotSupported(PrismError):
+    """A valid option this deployment does not serve (yet)."""
+
+    status_code = 400
+    code = "not_supported"
+    error_type = "invalid_request_error"
+
+
+class PayloadTooLarge(PrismError):
+    status_code = 413
+    code = "payload_too_large"
+    error_type = "invalid_request_error"
+
+
+class CapacityError(PrismError):
+    """A queue is full or no replica can take the work; carries Retry-After."""
+
+    status_code = 503
+    code = "overloaded"
+    error_type = "overloaded_error"
+
+    def __init__(self, message: str, *, retry_after_s: int = 1, **kw):
+        headers = {"Retry-After": str(max(1, int(retry_after_s)))}
+        super().__init__(message, headers=headers, **kw)
+        self.retry_after_s = retry_after_s
+
+
+class GenerationFailed(PrismError):
+    """Every model in the route's chain failed or produced garbage."""
+
+    status_code = 502
+    code = "generation_failed"
+
+
+class DeadlineExceeded(PrismError):
+    status_code = 504
+    code = "deadline_exceeded"

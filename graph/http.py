@@ -1,0 +1,112 @@
+"""The HTTP edge without Ray: the FastAPI app, request ids, body limits and error mapping.
+
+Every error leaves as JSON in OpenAI's `{"error": {...}}` shape with the request id, and the
+`X-Request-ID` header; bad input is 422 naming the field and its allowed range; nothing unexpected
+leaks a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from graph.errors import PayloadTooLarge, PrismError
+
+log = logging.getLogger("prism.http")
+
+_RID_OK = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+DEFAULT_MAX_BODY_BYTES = 64 * 1024
+
+
+def request_id_of(request: Request) -> str:
+    return getattr(request.state, "request_id", None) or "unknown"
+
+
+def error_response(err: PrismError, request_id: str) -> JSONResponse:
+    """The JSON error response; X-Request-ID is added by the middleware (or Serve's proxy)."""
+    return JSONResponse(status_code=err.status_code, content=err.body(request_id), headers=dict(err.headers))
+
+
+def _field_of(loc: tuple) -> str:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path")]
+    return ".".join(parts) or "body"
+
+
+def validation_message(errors: list[dict]) -> tuple[str, str | None, list[dict]]:
+    """(message, first field, details) for pydantic errors: each names its field and the rule it broke."""
+    details, msgs = [], []
+    for err in errors:
+        if err.get("type") == "json_invalid":
+            field, msg = "body", f"request body is not valid JSON ({err.get('ctx', {}).get('error', 'parse error')})"
+        elif err.get("type") == "model_attributes_type" or (
+                err.get("loc") == ("body",) and err.get("type") != "missing"):
+            field, msg = "body", "request body must be a JSON object"
+        else:
+            field = _field_of(tuple(err.get("loc", ())))
+            msg = f"`{field}`: {str(err.get('msg', 'invalid')).removeprefix('Value error, ')}"
+            if err.get("type") == "missing":
+                msg = f"`{field}` is required"
+            elif "input" in err and not isinstance(err["input"], dict | list) and len(repr(err["input"])) <= 80:
+                msg += f" (got {err['input']!r})"
+        msgs.append(msg)
+        details.append({"field": field, "message": msg, "type": err.get("type")})
+    return "; ".join(msgs), details[0]["field"] if details else None, details
+
+
+def make_app(max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+    """The FastAPI app with middleware and error handlers; routes are added by the ingress."""
+    app = FastAPI(title="Prism", version="0.1.0",
+                  description="Intent-routed image generation on Ray Serve. OpenAI Images API compatible.")
+    app.state.max_body_bytes = max_body_bytes
+    # Behind Ray Serve the proxy assigns X-Request-ID (the client's, or a new one), forwards it to the replica
+    # and echoes it on every response; the ingress then takes that id verbatim and adds no header of its own.
+    app.state.behind_serve_proxy = False
+
+    @app.middleware("http")
+    async def request_id_and_limits(request: Request, call_next):
+        rid = request.headers.get("x-request-id", "")
+        if app.state.behind_serve_proxy and rid:
+            request.state.request_id = rid
+        else:
+            request.state.request_id = rid if _RID_OK.match(rid) else uuid.uuid4().hex
+        length = request.headers.get("content-length")
+        limit = app.state.max_body_bytes
+        if length and length.isdigit() and int(length) > limit:
+            response = error_response(PayloadTooLarge(
+                f"request body is {length} bytes; the limit is {limit} bytes", param="body"), request.state.request_id)
+        else:
+            try:
+                response = await call_next(request)
+            except Exception:  # a handler bug that escaped FastAPI's handlers: log it, never leak it
+                log.exception("unhandled error in request %s", request.state.request_id)
+                response = error_response(PrismError("internal error; see the server log for this request id"),
+                                          request.state.request_id)
+        if not app.state.behind_serve_proxy:
+            response.headers["X-Request-ID"] = request.state.request_id
+        return response
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation(request: Request, exc: RequestValidationError):
+        from graph.errors import InvalidRequest
+
+        msg, field, details = validation_message(list(exc.errors()))
+        return error_response(InvalidRequest(msg, param=field, details=details), request_id_of(request))
+
+    @app.exception_handler(PrismError)
+    async def on_prism(request: Request, exc: PrismError):
+        if exc.status_code >= 500:
+            log.warning("request %s failed: %s %s", request_id_of(request), exc.status_code, exc.message)
+        return error_response(exc, request_id_of(request))
+
+    @app.exception_handler(Exception)
+    async def on_unexpected(request: Request, exc: Exception):
+        log.exception("unexpected error in request %s", request_id_of(request))
+        return error_response(PrismError("internal error; see the server log for this request id"),
+                              request_id_of(request))
+
+    return app

@@ -1,0 +1,160 @@
+"""Typed edges: the HTTP request/response models and the small values passed between stages."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+INTENTS: tuple[str, ...] = ("typography", "icon", "background", "photoreal", "illustration", "hero")
+Intent = Literal["typography", "icon", "background", "photoreal", "illustration", "hero"]
+UserTier = Literal["free", "pro", "enterprise"]
+Quality = Literal["standard", "hd"]
+
+SIZE_STEP = 64
+SIZE_MIN = 64
+# Absolute ceiling of the schema; each profile sets its own (smaller) max in graph.app.AppArgs.
+SIZE_MAX = 2048
+_SIZE_RE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
+
+
+def parse_size(size: str) -> tuple[int, int]:
+    """'512x256' -> (512, 256); raises ValueError naming the allowed form and range."""
+    m = _SIZE_RE.match(size.strip().lower())
+    if not m:
+        raise ValueError(f"`size` must look like 'WIDTHxHEIGHT' (e.g. '512x512') but is {size!r}")
+    w, h = int(m.group(1)), int(m.group(2))
+    for name, v in (("width", w), ("height", h)):
+        if v % SIZE_STEP or not SIZE_MIN <= v <= SIZE_MAX:
+            raise ValueError(
+                f"`size` {name} must be a multiple of {SIZE_STEP} between {SIZE_MIN} and {SIZE_MAX} but is {v}")
+    return w, h
+
+
+class GenerationRequest(BaseModel):
+    """POST /v1/images/generations and /v1/route: OpenAI Images API fields plus Prism's extensions."""
+
+    # Unknown fields are tolerated (the OpenAI SDK grows new ones) and reported back in `prism.ignored_fields`.
+    model_config = ConfigDict(extra="allow")
+
+    prompt: str = Field(min_length=1, max_length=4000, description="What to draw (1-4000 characters).")
+    n: int = Field(default=1, ge=1, le=4, description="Number of images (1-4).")
+    size: str = Field(default="256x256", description="'WxH', both multiples of 64 within the profile's max.")
+    response_format: Literal["b64_json", "url"] = "b64_json"
+    quality: Quality = "standard"
+    style: Literal["vivid", "natural"] | None = None
+    user: str | None = Field(default=None, max_length=256)
+    model: str | None = Field(default=None, max_length=128,
+                              description="A Prism route or tier name forces it; OpenAI model names map via config.")
+    # Prism extensions
+    intent: Intent | None = Field(default=None, description="Override the classifier.")
+    text: str | None = Field(default=None, min_length=1, max_length=200,
+                             description="Exact text the image must carry (1-200 characters).")
+    seed: int | None = Field(default=None, ge=0, le=2**32 - 1)
+    user_tier: UserTier = "free"
+
+    @field_validator("size")
+    @classmethod
+    def _check_size(cls, v: str) -> str:
+        parse_size(v)
+        return v.strip().lower()
+
+    @property
+    def width_height(self) -> tuple[int, int]:
+        return parse_size(self.size)
+
+    @property
+    def ignored_fields(self) -> list[str]:
+        return sorted((self.model_extra or {}).keys())
+
+
+class IntentResult(BaseModel):
+    label: Intent
+    confidence: float
+    scores: dict[str, float]
+    source: Literal["classifier", "rule", "override"] = "classifier"
+    text_to_render: str | None = None
+
+
+class RouteDecision(BaseModel):
+    route: str
+    tier: str
+    rule: str
+    steps: int | None = None
+    guidance: float | None = None
+    fallbacks: list[str] = Field(default_factory=list)
+    max_latency_ms: int
+    reason: str = ""
+
+
+class RouteResponse(BaseModel):
+    """POST /v1/route: the decision alone."""
+
+    request_id: str
+    intent: IntentResult
+    decision: RouteDecision
+    model: str
+    model_version: str
+    notes: list[str] = Field(default_factory=list)
+    timings_ms: dict[str, float]
+
+
+class Fallback(BaseModel):
+    model: str
+    reason: str
+    elapsed_ms: float
+
+
+class PrismInfo(BaseModel):
+    request_id: str
+    intent: IntentResult
+    route: str
+    rule: str
+    tier: str
+    model: str
+    model_version: str
+    seed: int
+    steps: int
+    guidance: float
+    native_size: str
+    timings_ms: dict[str, float]
+    cost_usd: float
+    fallbacks: list[Fallback] = Field(default_factory=list)
+    notes: list[str] = Field(default_factory=list)
+    ignored_fields: list[str] = Field(default_factory=list)
+
+
+class ImageDatum(BaseModel):
+    b64_json: str
+    revised_prompt: str | None = None
+
+
+class GenerationResponse(BaseModel):
+    created: int
+    data: list[ImageDatum]
+    prism: PrismInfo
+
+
+@dataclass
+class GenerateJob:
+    """One generator call: what a Generator replica needs, nothing more."""
+
+    prompt: str
+    seed: int
+    n: int = 1
+    steps: int | None = None
+    guidance: float | None = None
+    request_id: str = ""
+
+
+@dataclass
+class GenerateResult:
+    images: list  # list[np.ndarray] HxWx3 uint8, at the model's native size
+    model: str
+    model_version: str
+    steps: int
+    guidance: float
+    compute_s: float
+    extra: dict = field(default_factory=dict)
