@@ -1,18 +1,27 @@
 """Generator deployment: one per tier, same class, configured by a typed ModelSpec.
 
-Requests that arrive together share one pipeline call through @serve.batch: a job for n images
-contributes n prompts; jobs with different step/guidance settings run as separate groups.
+Requests that arrive together share one pipeline call through @serve.batch: a job for n images contributes
+n prompts; jobs with different step/guidance settings run as separate groups. Every image is checked
+(engines/checks.py) before it leaves the replica; a failed check or an exception comes back as a
+GenerateResult with `failure` set, so the ingress can walk the route's fallback chain. Out of memory on a
+batch splits the batch in halves and retries the parts before giving up (seed 003).
 """
-
-from __future__ import annotations
 
 import asyncio
 import time
 
 from ray import serve
 
-from engines.generators import ModelSpec, build_engine, timed_generate
+from engines.checks import OutputCheckFailed, check_image
+from engines.generators import ModelSpec, build_engine, is_oom
 from graph.schemas import GenerateJob, GenerateResult
+
+
+class _Failure:
+    __slots__ = ("reason", "detail")
+
+    def __init__(self, reason: str, detail: str):
+        self.reason, self.detail = reason, detail
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=8)
@@ -21,38 +30,72 @@ class Generator:
         """Validate the spec and load the model (local or built-in weights only)."""
         self.spec = ModelSpec.model_validate(spec)
         self.engine = build_engine(self.spec)
+        self.size = (self.spec.native_size, self.spec.native_size)
+        self.stats = {"batches": 0, "oom_splits": 0, "failed_checks": 0, "cancelled": 0}
         # @serve.batch's limits are per tier: applied from the spec, not hard-coded.
-        self.generate.set_max_batch_size(self.spec.max_batch_size)
-        self.generate.set_batch_wait_timeout_s(self.spec.batch_wait_timeout_s)
+        self._batched.set_max_batch_size(self.spec.max_batch_size)
+        self._batched.set_batch_wait_timeout_s(self.spec.batch_wait_timeout_s)
+
+    async def generate(self, job: GenerateJob) -> GenerateResult:
+        """Render one job (batched with concurrent ones); failures come back in `failure`, never raised."""
+        try:
+            return await self._batched(job)
+        except asyncio.CancelledError:
+            self.stats["cancelled"] += 1  # the client went away; Serve cancelled this request
+            raise
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.01)
-    async def generate(self, jobs: list[GenerateJob]) -> list[GenerateResult]:
-        """Render a batch of jobs; each result holds that job's n images at the native size."""
+    async def _batched(self, jobs: list[GenerateJob]) -> list[GenerateResult]:
+        self.stats["batches"] += 1
         groups: dict[tuple[int, float], list[int]] = {}
         for i, job in enumerate(jobs):
             key = (job.steps or self.spec.steps, self.spec.guidance if job.guidance is None else job.guidance)
             groups.setdefault(key, []).append(i)
         results: list[GenerateResult | None] = [None] * len(jobs)
         for (steps, guidance), idx in groups.items():
-            prompts = [jobs[i].prompt for i in idx for _ in range(jobs[i].n)]
-            seeds = [jobs[i].seed + k for i in idx for k in range(jobs[i].n)]
+            items = [(i, jobs[i].prompt, jobs[i].seed + k) for i in idx for k in range(jobs[i].n)]
+            t0 = time.perf_counter()
+            outputs = await self._render_splitting(items, steps, guidance)
+            per_image_s = (time.perf_counter() - t0) / len(items)  # the batch's compute, shared by image count
+            for i in idx:
+                mine = [o for (j, _, _), o in zip(items, outputs, strict=True) if j == i]
+                results[i] = self._result(mine, steps, guidance, per_image_s * len(mine), len(items))
+        return results
+
+    def _result(self, outputs: list, steps: int, guidance: float, compute_s: float, batch: int) -> GenerateResult:
+        failure = next((o for o in outputs if isinstance(o, _Failure)), None)
+        return GenerateResult(
+            images=[] if failure else outputs, model=self.engine.name, model_version=self.engine.version,
+            steps=steps, guidance=guidance, compute_s=compute_s, failure=failure.reason if failure else None,
+            detail=failure.detail if failure else "", extra={"batch_size": batch})
+
+    async def _render_splitting(self, items: list[tuple], steps: int, guidance: float) -> list:
+        """Render items in one call; on OOM split in halves and retry each part; check every output."""
+        prompts, seeds = [p for _, p, _ in items], [s for _, _, s in items]
+        try:
             delay = self.engine.delay_s(len(prompts))
             if delay:
                 await asyncio.sleep(delay)
-            t0 = time.perf_counter()
-            images, _ = await asyncio.to_thread(timed_generate, self.engine, prompts, seeds, steps, guidance)
-            # The batch's compute is shared; each job is charged its share by image count.
-            per_image_s = (time.perf_counter() - t0 + delay) / len(prompts)
-            pos = 0
-            for i in idx:
-                n = jobs[i].n
-                results[i] = GenerateResult(images=images[pos:pos + n], model=self.engine.name,
-                                            model_version=self.engine.version, steps=steps, guidance=guidance,
-                                            compute_s=per_image_s * n, extra={"batch_size": len(prompts)})
-                pos += n
-        return results
+            raw = await asyncio.to_thread(self.engine.generate, prompts, seeds, steps, guidance)
+        except Exception as e:
+            if is_oom(e) and len(items) > 1:
+                self.stats["oom_splits"] += 1
+                half = len(items) // 2
+                return (await self._render_splitting(items[:half], steps, guidance)
+                        + await self._render_splitting(items[half:], steps, guidance))
+            reason = "oom" if is_oom(e) else ("nan" if isinstance(e, FloatingPointError) else "error")
+            return [_Failure(reason, f"{type(e).__name__}: {e}")] * len(items)
+        return [self._check(o) for o in raw]
+
+    def _check(self, output):
+        try:
+            return check_image(output, self.size)
+        except OutputCheckFailed as e:
+            self.stats["failed_checks"] += 1
+            return _Failure(e.reason, e.detail)
 
     def info(self) -> dict:
-        """What this tier serves: name, version, native size, defaults."""
+        """What this tier serves: name, version, native size, defaults, counters."""
         return {"model": self.engine.name, "model_version": self.engine.version, "kind": self.spec.kind,
-                "native_size": self.spec.native_size, "steps": self.spec.steps, "guidance": self.spec.guidance}
+                "native_size": self.spec.native_size, "steps": self.spec.steps, "guidance": self.spec.guidance,
+                "stats": dict(self.stats)}

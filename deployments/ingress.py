@@ -4,6 +4,7 @@
 
 
 import asyncio
+import dataclasses
 import logging
 import random
 import time
@@ -18,6 +19,7 @@ from graph.cost import render_cost
 from graph.errors import CapacityError, DeadlineExceeded, GenerationFailed, InvalidRequest, NotSupported, PrismError
 from graph.http import make_app, request_id_of
 from graph.images import b64_png
+from graph.prefilter import PrefilterConfig, check_prompt
 from graph.routing import Features, PolicyConfig, decide, load_policy, resolve_model
 from graph.schemas import (
     Fallback,
@@ -26,6 +28,7 @@ from graph.schemas import (
     GenerationResponse,
     ImageDatum,
     IntentResult,
+    OcrInfo,
     PrismInfo,
     RouteDecision,
     RouteResponse,
@@ -35,6 +38,14 @@ log = logging.getLogger("ray.serve")
 app = make_app()
 
 
+# Reasons a generator attempt fails that a lower guidance may cure (artefacts, not infrastructure).
+GUIDANCE_CURABLE = ("nan", "blank")
+
+
+class _AttemptTimeout(Exception):
+    """A model attempt passed the route's attempt_timeout_ms while the request's deadline still holds."""
+
+
 def _ms(t0: float) -> float:
     return round((time.perf_counter() - t0) * 1000, 2)
 
@@ -42,12 +53,14 @@ def _ms(t0: float) -> float:
 @serve.deployment(ray_actor_options={"num_cpus": 0.2}, max_ongoing_requests=64)
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, intent, generators: dict, upscaler, settings: dict):
+    def __init__(self, intent, generators: dict, upscaler, typography, settings: dict):
         """Hold the downstream handles and the profile's limits; the policy comes in reconfigure()."""
         self.intent = intent
         self.generators = generators
         self.upscaler = upscaler
+        self.typography = typography
         self.settings = settings
+        self.prefilter = PrefilterConfig()
         self.tier_specs: dict[str, dict] = settings["tiers"]
         self.policy: PolicyConfig | None = None
         self.policy_loaded_at: float | None = None
@@ -61,13 +74,15 @@ class Ingress:
         """Apply a routing policy from user_config; an invalid one is rejected and the old one keeps serving."""
         try:
             policy = load_policy((config or {}).get("routing", {}), tiers=set(self.generators))
-        except ValueError as e:
+            prefilter = PrefilterConfig.model_validate((config or {}).get("prefilter", {}))
+        except ValueError as e:  # pydantic's ValidationError is a ValueError too
             if self.policy is None:
                 raise  # nothing to keep serving: fail the deploy with the message
             self.policy_rejected = {"error": str(e), "at": time.time()}
             log.error("routing policy rejected, keeping version %s: %s", self.policy.version, e)
             return
-        self.policy, self.policy_loaded_at, self.policy_rejected = policy, time.time(), None
+        self.policy, self.prefilter = policy, prefilter
+        self.policy_loaded_at, self.policy_rejected = time.time(), None
         log.info("routing policy version %s applied (%d rules)", policy.version, len(policy.rules))
 
     # ---- HTTP routes -------------------------------------------------------------------------------
@@ -90,11 +105,19 @@ class Ingress:
         names = sorted(self.policy.routes) + sorted(self.generators) + sorted(self.policy.model_aliases)
         return {"object": "list", "data": [{"id": n, "object": "model", "owned_by": "prism"} for n in names]}
 
+    @app.get("/v1/tiers")
+    async def tiers(self) -> dict:
+        """Each tier's model, version, kind and counters (batches, OOM splits, failed checks, cancellations)."""
+        infos = await asyncio.gather(*(h.info.remote() for h in self.generators.values()), return_exceptions=True)
+        return {tier: (info if isinstance(info, dict) else {"error": type(info).__name__})
+                for tier, info in zip(self.generators, infos, strict=True)}
+
     @app.post("/v1/route", response_model=RouteResponse)
     async def route(self, req: GenerationRequest, request: Request) -> RouteResponse:
         """Classify and route without generating."""
         rid, timings, t0 = request_id_of(request), {}, time.perf_counter()
         self._check_limits(req)
+        check_prompt(req.prompt, self.prefilter)
         intent = await self._classify(req, timings)
         decision, notes = self._decide(req, intent, timings)
         model, version = await self._model_of(decision.tier)
@@ -116,8 +139,9 @@ class Ingress:
 
     async def _render(self, req: GenerationRequest, rid: str) -> GenerationResponse:
         t0, timings = time.perf_counter(), {}
-        # 1. Validate what the schema cannot know: this profile's limits and unsupported options.
+        # 1. Validate what the schema cannot know: this profile's limits, unsupported options, prompt sanity.
         width, height = self._check_limits(req)
+        check_prompt(req.prompt, self.prefilter)
         timings["validate"] = _ms(t0)
         # 2. Intent.
         intent = await self._classify(req, timings)
@@ -127,17 +151,25 @@ class Ingress:
         seed = req.seed if req.seed is not None else random.randrange(2**31)
         job = GenerateJob(prompt=req.prompt, seed=seed, n=req.n, steps=decision.steps, guidance=decision.guidance,
                           request_id=rid)
-        # 4. Generate, walking the fallback chain on failure.
+        # 4. Generate, walking the fallback chain on failed checks, errors, OOM and stage deadlines.
         t = time.perf_counter()
-        result, tier, fallbacks = await self._generate_with_fallbacks(job, decision, deadline, rid)
+        result, tier, fallbacks = await self._generate_with_fallbacks(job, decision, deadline)
         timings["generate"] = _ms(t)
-        # 6. Post: denoise, upscale to the requested size, normalise colour.
+        # 5. Post: denoise, upscale to the requested size, normalise colour. (Before typography, unlike
+        #    DESIGN.md's list: text composited after upscaling keeps exact, sharp glyphs.)
         t = time.perf_counter()
-        post = await self._until(self.upscaler.process.remote(result.images, width, height), deadline, "post", rid)
+        post = await self._until(self.upscaler.process.remote(result.images, width, height), deadline, "post")
         timings["post"] = _ms(t)
+        images = post["images"]
+        # 6. Typography: exact text composited, then OCR-checked (when the request carries text).
+        ocr = None
+        if intent.text_to_render:
+            t = time.perf_counter()
+            images, ocr = await self._typeset(images, intent.text_to_render, req.prompt, deadline)
+            timings["typography"] = _ms(t)
         # 8. Respond.
         t = time.perf_counter()
-        data = await asyncio.to_thread(lambda: [ImageDatum(b64_json=b64_png(im)) for im in post["images"]])
+        data = await asyncio.to_thread(lambda: [ImageDatum(b64_json=b64_png(im)) for im in images])
         timings["encode"] = _ms(t)
         timings["total"] = _ms(t0)
         cost = self.tier_specs[tier].get("cost", {})
@@ -150,8 +182,19 @@ class Ingress:
             native_size=f"{native}x{native}", timings_ms=timings,
             cost_usd=render_cost(cost.get("usd_per_image", 0.0), cost.get("usd_per_second", 0.0), req.n,
                                  result.compute_s),
-            fallbacks=fallbacks, notes=notes, ignored_fields=req.ignored_fields)
+            fallbacks=fallbacks, ocr=ocr, notes=notes, ignored_fields=req.ignored_fields)
         return GenerationResponse(created=int(time.time()), data=data, prism=prism)
+
+    async def _typeset(self, images: list, text: str, prompt: str, deadline: float) -> tuple[list, OcrInfo]:
+        out = await self._until(self.typography.render.remote(images, text, prompt), deadline, "typography")
+        if out.get("error") == "text_does_not_fit":
+            raise InvalidRequest(f"`text` does not fit the requested size: {out['detail']}", param="text")
+        ocr = OcrInfo.model_validate(out["ocr"])
+        if not out["passed"]:
+            raise GenerationFailed(
+                f"the text could not be rendered readably: after {ocr.layouts_tried} layouts {ocr.backend} read "
+                f"{ocr.read!r} for {text!r} (character error rate {ocr.cer:.2f})", param="text")
+        return out["images"], ocr
 
     def _check_limits(self, req: GenerationRequest) -> tuple[int, int]:
         width, height = req.width_height
@@ -170,7 +213,7 @@ class Ingress:
             result = IntentResult(label=req.intent, confidence=1.0, scores={req.intent: 1.0}, source="override",
                                   text_to_render=req.text or extract_text(req.prompt))
         else:
-            raw = await self._until(self.intent.classify.remote(req.prompt), None, "intent", "")
+            raw = await self._until(self.intent.classify.remote(req.prompt), None, "intent")
             result = IntentResult.model_validate(raw)
             if req.text:
                 result.text_to_render = req.text
@@ -196,42 +239,76 @@ class Ingress:
             self._versions[tier] = info["model_version"]
         return self.tier_specs[tier]["name"], self._versions[tier]
 
-    async def _generate_with_fallbacks(self, job: GenerateJob, decision: RouteDecision, deadline: float, rid: str):
-        """Try the route's tier, then each fallback; every failure is recorded in the response."""
-        fallbacks: list[Fallback] = []
-        errors: list[PrismError] = []
-        for tier in [decision.tier, *decision.fallbacks]:
-            t = time.perf_counter()
-            try:
-                call = self.generators[tier].generate.remote(job)
-                result = await self._until(call, deadline, f"generate:{tier}", rid)
-                self._versions[tier] = result.model_version
-                return result, tier, fallbacks
-            except DeadlineExceeded:
-                raise
-            except PrismError as e:
-                errors.append(e)
-                reason = e.code
-            except Exception as e:  # a model raised: try the next model, report the class of failure
-                log.warning("request %s: tier %s failed: %r", rid, tier, e)
-                errors.append(GenerationFailed(f"{tier}: {type(e).__name__}"))
-                reason = f"error:{type(e).__name__}"
-            fallbacks.append(Fallback(model=self.tier_specs[tier]["name"], reason=reason, elapsed_ms=_ms(t)))
-        reasons = ", ".join(f"{f.model}: {f.reason}" for f in fallbacks)
-        if errors and all(isinstance(e, CapacityError) for e in errors):
-            raise CapacityError(f"every model on route {decision.route!r} is at capacity ({reasons})",
-                                retry_after_s=max(e.retry_after_s for e in errors))
-        raise GenerationFailed(f"every model on route {decision.route!r} failed ({reasons})")
+    async def _generate_with_fallbacks(self, job: GenerateJob, decision: RouteDecision, deadline: float):
+        """Try the route's tier, then each fallback, within the retry budget; every failure is reported.
 
-    async def _until(self, response, deadline: float | None, stage: str, rid: str):
+        A failed check that lower guidance may cure (NaN, blank) first retries the same model with
+        guidance x retry_guidance_factor, when the route sets one (seed 000: artefacts at high CFG).
+        """
+        tiers = [decision.tier, *decision.fallbacks]
+        budget = decision.max_attempts or (len(tiers) * (2 if decision.retry_guidance_factor else 1))
+        fallbacks: list[Fallback] = []
+        i, guidance, lowered = 0, job.guidance, False
+        while i < len(tiers) and len(fallbacks) < budget:
+            tier, t = tiers[i], time.perf_counter()
+            reason, detail, result = await self._attempt(tier, dataclasses.replace(job, guidance=guidance),
+                                                         decision, deadline)
+            if reason is None:
+                return result, tier, fallbacks
+            fallbacks.append(Fallback(model=self.tier_specs[tier]["name"], tier=tier, reason=reason,
+                                      elapsed_ms=_ms(t), guidance=guidance, detail=detail[:300]))
+            if reason in GUIDANCE_CURABLE and decision.retry_guidance_factor and not lowered:
+                base = guidance if guidance is not None else self.tier_specs[tier]["guidance"]
+                guidance, lowered = round(base * decision.retry_guidance_factor, 3), True
+                continue
+            i, guidance, lowered = i + 1, job.guidance, False
+        self._raise_chain_failed(decision, fallbacks)
+
+    async def _attempt(self, tier: str, job: GenerateJob, decision: RouteDecision, deadline: float):
+        """One model attempt -> (failure reason or None, detail, result)."""
+        attempt_deadline = None
+        if decision.attempt_timeout_ms:
+            attempt_deadline = time.perf_counter() + decision.attempt_timeout_ms / 1000
+        try:
+            result = await self._until(self.generators[tier].generate.remote(job), deadline, f"generate:{tier}",
+                                       attempt_deadline=attempt_deadline)
+        except _AttemptTimeout:
+            return "deadline", f"no answer within attempt_timeout_ms={decision.attempt_timeout_ms}", None
+        except CapacityError as e:
+            return "overloaded", e.message, None
+        except PrismError as e:
+            if isinstance(e, DeadlineExceeded):
+                raise
+            return e.code, e.message, None
+        except Exception as e:  # a replica crashed or the call failed: try the next model
+            log.warning("tier %s failed: %r", tier, e)
+            return "error", type(e).__name__, None
+        if result.failure:
+            return result.failure, result.detail, None
+        self._versions[tier] = result.model_version
+        return None, "", result
+
+    @staticmethod
+    def _raise_chain_failed(decision: RouteDecision, fallbacks: list[Fallback]):
+        reasons = "; ".join(f"{f.model}: {f.reason}" for f in fallbacks)
+        details = [f.model_dump() for f in fallbacks]
+        if fallbacks and all(f.reason == "overloaded" for f in fallbacks):
+            raise CapacityError(f"every model on route {decision.route!r} is at capacity ({reasons})",
+                                retry_after_s=2, details=details)
+        raise GenerationFailed(f"every model on route {decision.route!r} failed ({reasons})", details=details)
+
+    async def _until(self, response, deadline: float | None, stage: str, attempt_deadline: float | None = None):
         """Await a downstream call within the deadline; map Serve's overload and availability errors."""
-        timeout = None if deadline is None else deadline - time.perf_counter()
+        limit = deadline if attempt_deadline is None else min(deadline, attempt_deadline)
+        timeout = None if limit is None else limit - time.perf_counter()
         try:
             if timeout is not None and timeout <= 0:
                 raise TimeoutError
             return await asyncio.wait_for(response, timeout)
         except TimeoutError:
             response.cancel()
+            if attempt_deadline is not None and attempt_deadline < deadline:
+                raise _AttemptTimeout from None
             raise DeadlineExceeded(f"stage {stage} did not finish within the request's deadline") from None
         except BackPressureError:
             raise CapacityError(f"stage {stage} is at capacity (its queue is full)", retry_after_s=1) from None

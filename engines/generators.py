@@ -16,7 +16,6 @@ import hashlib
 import json
 import math
 import random
-import time
 from pathlib import Path
 from typing import Literal, Protocol
 
@@ -40,7 +39,7 @@ class ModelSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    kind: Literal["builtin", "diffusers", "simulated"]
+    kind: Literal["builtin", "diffusers", "simulated", "fault_injecting"]
     name: str = Field(min_length=1, description="Model name reported in responses and records.")
     native_size: int = Field(default=128, ge=32, le=2048, description="Square render size before upscaling.")
     steps: int = Field(default=8, ge=1, le=200)
@@ -64,6 +63,12 @@ class ModelSpec(BaseModel):
     latency_ms_p95: float | None = Field(default=None, gt=0)
     batch_efficiency: float = Field(default=0.6, ge=0, le=1,
                                      description="simulated: extra batch items cost this fraction of one.")
+    # fault_injecting (tests and chaos drills only; see engines/faults.py)
+    fault: Literal["none", "nan", "oom", "sleep", "garbage", "blank", "wrong_size", "raise",
+                   "nan_above_guidance"] = "none"
+    fault_sleep_s: float = Field(default=30.0, ge=0)
+    fault_oom_above_batch: int = Field(default=0, ge=0, description="OOM only when the batch is larger than this.")
+    fault_guidance_threshold: float = Field(default=2.0, ge=0)
 
     @model_validator(mode="after")
     def _kind_fields(self) -> ModelSpec:
@@ -99,9 +104,15 @@ class Engine(Protocol):
         """Extra wall time to wait (asynchronously) before generate; nonzero only for simulated models."""
 
 
-def _to_uint8(images) -> list[np.ndarray]:
-    arr = np.asarray(images, dtype=np.float32)  # pipelines' output_type="np": N x H x W x 3 in [0, 1]
-    return [np.ascontiguousarray((np.clip(a, 0, 1) * 255).round().astype(np.uint8)) for a in arr]
+class NonFiniteLatents(FloatingPointError):
+    """NaN/Inf appeared in the latents at a denoising step: the render is aborted early."""
+
+
+def is_oom(e: BaseException) -> bool:
+    """CUDA/CPU out-of-memory, whatever layer raised it."""
+    if isinstance(e, MemoryError) or type(e).__name__ in ("OutOfMemoryError", "InjectedOutOfMemory"):
+        return True
+    return isinstance(e, RuntimeError) and "out of memory" in str(e).lower()
 
 
 class DiffusersEngine:
@@ -147,13 +158,25 @@ class DiffusersEngine:
         return 0.0
 
     def generate(self, prompts: list[str], seeds: list[int], steps: int, guidance: float) -> list[np.ndarray]:
+        """Float32 HxWx3 arrays in [0, 1]; the Generator deployment checks and converts them."""
         import torch
 
         gens = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
         with torch.inference_mode():
             out = self.pipe(prompt=list(prompts), num_inference_steps=int(steps), guidance_scale=float(guidance),
-                            height=self.native_size, width=self.native_size, generator=gens, output_type="np")
-        return _to_uint8(out.images)
+                            height=self.native_size, width=self.native_size, generator=gens, output_type="np",
+                            callback_on_step_end=_abort_on_nonfinite, callback_on_step_end_tensor_inputs=["latents"])
+        return list(np.asarray(out.images, dtype=np.float32))
+
+
+def _abort_on_nonfinite(pipe, step: int, timestep, kwargs: dict) -> dict:
+    """Per-step latent check (cheap on latents): a NaN at step 12 stops the render at step 12."""
+    import torch
+
+    latents = kwargs.get("latents")
+    if latents is not None and not torch.isfinite(latents).all():
+        raise NonFiniteLatents(f"NaN/Inf in latents at denoising step {step}")
+    return kwargs
 
 
 def _dir_version(path: Path) -> str | None:
@@ -223,23 +246,23 @@ def placeholder_image(prompt: str, seed: int, size: int) -> np.ndarray:
     """A two-colour diagonal gradient derived from (prompt, seed): cheap, deterministic, never blank."""
     digest = hashlib.sha256(f"{prompt}\x00{seed}".encode()).digest()
     c0 = np.frombuffer(digest[:3], dtype=np.uint8).astype(np.float32)
-    c1 = 255.0 - c0  # complementary end: the image always has contrast
+    c1 = 255.0 - c0
     t = (np.add.outer(np.arange(size), np.arange(size)) / (2 * (size - 1))).astype(np.float32)[..., None]
-    return (c0 * (1 - t) + c1 * t).astype(np.uint8)
+    # Complementary colours can share a luminance; a vertical brightness ramp guarantees contrast.
+    ramp = (0.35 + 0.65 * np.arange(size, dtype=np.float32) / (size - 1))[:, None, None]
+    return ((c0 * (1 - t) + c1 * t) * ramp).astype(np.uint8)
 
 
 def build_engine(spec: ModelSpec) -> Engine:
     """The engine for a spec; heavy imports happen here, inside the replica."""
     if spec.kind == "simulated":
         return SimulatedEngine(spec)
+    if spec.kind == "fault_injecting":
+        from engines.faults import FaultInjectingEngine
+
+        return FaultInjectingEngine(spec)
     if spec.kind == "builtin":
         pipe, version = build_builtin_pipeline(spec)
         return DiffusersEngine(spec, pipe=pipe, version=version)
     return DiffusersEngine(spec)
 
-
-def timed_generate(engine: Engine, prompts: list[str], seeds: list[int], steps: int, guidance: float):
-    """generate() plus its wall time in seconds."""
-    t0 = time.perf_counter()
-    images = engine.generate(prompts, seeds, steps, guidance)
-    return images, time.perf_counter() - t0

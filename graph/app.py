@@ -11,7 +11,7 @@ from ray.serve import Application
 
 from engines.generators import ModelSpec
 from engines.post import PostSpec
-from graph.schemas import SIZE_MAX, SIZE_MIN, SIZE_STEP
+from graph.schemas import SIZE_MAX, SIZE_MIN, SIZE_STEP, TypographySpec
 
 
 class AppArgs(BaseModel):
@@ -25,6 +25,7 @@ class AppArgs(BaseModel):
     max_body_bytes: int = Field(default=64 * 1024, ge=1024, le=16 * 1024 * 1024)
     tiers: dict[str, ModelSpec] = Field(min_length=1)
     post: PostSpec = Field(default_factory=PostSpec)
+    typography: TypographySpec = Field(default_factory=TypographySpec)
 
     @model_validator(mode="after")
     def _tier_names(self) -> AppArgs:
@@ -40,10 +41,11 @@ def generator_deployment_name(tier: str) -> str:
 
 
 def build_app(args: AppArgs) -> Application:
-    """Bind Ingress(IntentClassifier, {tier: Generator(spec)}, Upscaler(post), settings)."""
+    """Bind Ingress(IntentClassifier, {tier: Generator(spec)}, Upscaler(post), Typography(ocr), settings)."""
     from deployments.generator import Generator
     from deployments.ingress import Ingress
     from deployments.intent import IntentClassifier
+    from deployments.typography import Typography
     from deployments.upscaler import Upscaler
 
     if isinstance(args, dict):  # Python callers may pass the YAML block as a dict
@@ -53,4 +55,5 @@ def build_app(args: AppArgs) -> Application:
         for tier, spec in args.tiers.items()
     }
     settings = args.model_dump(include={"profile", "max_width", "max_height", "max_body_bytes", "tiers"})
-    return Ingress.bind(IntentClassifier.bind(), generators, Upscaler.bind(args.post.model_dump()), settings)
+    return Ingress.bind(IntentClassifier.bind(), generators, Upscaler.bind(args.post.model_dump()),
+                        Typography.bind(args.typography.model_dump()), settings)

@@ -45,7 +45,8 @@ def validate_profile(path: str | Path) -> list[str]:
         load_policy((ingress.get("user_config") or {}).get("routing", {}), tiers=set(args.tiers))
     except ValueError as e:
         problems.append(str(e))
-    known = {"Ingress", "IntentClassifier", "Upscaler", *(generator_deployment_name(t) for t in args.tiers)}
+    known = {"Ingress", "IntentClassifier", "Upscaler", "Typography",
+             *(generator_deployment_name(t) for t in args.tiers)}
     for d in app.get("deployments", []):
         if d.get("name") not in known:
             problems.append(f"deployments: {d.get('name')!r} is not a deployment of this app ({sorted(known)})")

@@ -56,7 +56,14 @@ class Route(BaseModel):
     steps: int | None = Field(default=None, ge=1, le=200, description="Override the tier's default steps.")
     guidance: float | None = Field(default=None, ge=0.0, le=30.0)
     fallbacks: list[str] = Field(default_factory=list, description="Ordered tiers to try when this one fails.")
-    max_latency_ms: int = Field(default=60_000, ge=100, le=600_000)
+    max_latency_ms: int = Field(default=60_000, ge=100, le=600_000, description="The request's total deadline.")
+    attempt_timeout_ms: int | None = Field(default=None, ge=100, le=600_000,
+                                           description="Stage deadline per model attempt; past it, the next model.")
+    max_attempts: int | None = Field(default=None, ge=1, le=20,
+                                     description="Retry budget: generator attempts on this route, all models together.")
+    retry_guidance_factor: float | None = Field(
+        default=None, gt=0, lt=1, description="On a failed check, retry the same model once with guidance x this "
+                                              "before switching model (typography: high CFG artefacts).")
 
 
 class PolicyConfig(BaseModel):
@@ -152,7 +159,8 @@ def decide(policy: PolicyConfig, f: Features, forced: str | None = None) -> Rout
         base = policy.routes[policy.default_route]
         chain = [t for t in [*base.fallbacks] if t != forced]
         return RouteDecision(route=f"tier:{forced}", tier=forced, rule="forced:model", fallbacks=chain,
-                             max_latency_ms=base.max_latency_ms, reason=f"`model` named tier {forced!r}")
+                             max_latency_ms=base.max_latency_ms, attempt_timeout_ms=base.attempt_timeout_ms,
+                             max_attempts=base.max_attempts, reason=f"`model` named tier {forced!r}")
     for rule in policy.rules:
         if rule_matches(rule.match, f):
             return _decision(policy, rule.route, rule=rule.name, reason=f"rule {rule.name!r} matched")
@@ -163,7 +171,8 @@ def _decision(policy: PolicyConfig, route_name: str, *, rule: str, reason: str) 
     r = policy.routes[route_name]
     return RouteDecision(route=route_name, tier=r.tier, rule=rule, steps=r.steps, guidance=r.guidance,
                          fallbacks=[t for t in r.fallbacks if t != r.tier], max_latency_ms=r.max_latency_ms,
-                         reason=reason)
+                         attempt_timeout_ms=r.attempt_timeout_ms, max_attempts=r.max_attempts,
+                         retry_guidance_factor=r.retry_guidance_factor, reason=reason)
 
 
 def resolve_model(policy: PolicyConfig, model: str | None, tiers: set[str]) -> tuple[str | None, str | None]:

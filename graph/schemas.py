@@ -86,6 +86,9 @@ class RouteDecision(BaseModel):
     guidance: float | None = None
     fallbacks: list[str] = Field(default_factory=list)
     max_latency_ms: int
+    attempt_timeout_ms: int | None = None
+    max_attempts: int | None = None
+    retry_guidance_factor: float | None = None
     reason: str = ""
 
 
@@ -102,9 +105,26 @@ class RouteResponse(BaseModel):
 
 
 class Fallback(BaseModel):
+    """One failed attempt: which model, why (nan, blank, undecodable, wrong_size, oom, deadline, overloaded,
+    error), and how long it took."""
+
     model: str
     reason: str
     elapsed_ms: float
+    tier: str | None = None
+    guidance: float | None = None
+    detail: str = ""
+
+
+class OcrInfo(BaseModel):
+    """The typography stage's OCR check of the composited text."""
+
+    backend: str
+    read: str
+    cer: float
+    passed: bool
+    expected: str
+    layouts_tried: int
 
 
 class PrismInfo(BaseModel):
@@ -122,6 +142,7 @@ class PrismInfo(BaseModel):
     timings_ms: dict[str, float]
     cost_usd: float
     fallbacks: list[Fallback] = Field(default_factory=list)
+    ocr: OcrInfo | None = None
     notes: list[str] = Field(default_factory=list)
     ignored_fields: list[str] = Field(default_factory=list)
 
@@ -135,6 +156,17 @@ class GenerationResponse(BaseModel):
     created: int
     data: list[ImageDatum]
     prism: PrismInfo
+
+
+class TypographySpec(BaseModel):
+    """The typography stage's settings (app args `typography:`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ocr: Literal["rapidocr", "easyocr"] = "rapidocr"
+    gpu: bool = Field(default=False, description="easyocr on CUDA (GPU profile).")
+    max_cer: float = Field(default=0.0, ge=0.0, le=1.0,
+                           description="Largest character error rate (after case/space normalisation) that passes.")
 
 
 @dataclass
@@ -151,10 +183,14 @@ class GenerateJob:
 
 @dataclass
 class GenerateResult:
-    images: list  # list[np.ndarray] HxWx3 uint8, at the model's native size
+    """A generator's answer for one job: checked images, or the reason it has none."""
+
+    images: list  # list[np.ndarray] HxWx3 uint8, at the model's native size, every one passed the checks
     model: str
     model_version: str
     steps: int
     guidance: float
     compute_s: float
+    failure: str | None = None  # reason code: nan, blank, undecodable, wrong_size, oom, error
+    detail: str = ""
     extra: dict = field(default_factory=dict)

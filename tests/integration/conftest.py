@@ -14,7 +14,45 @@ import pytest
 from graph.config import ROOT, load_serve_config
 
 PORT = int(os.environ.get("PRISM_TEST_PORT", "18000"))
-APP = "prism"
+APPS = ("prism", "faults")
+
+
+def _fake(fault: str, **kw) -> dict:
+    return {"kind": "fault_injecting", "name": f"fault-injecting-{fault}", "fault": fault, "native_size": 64,
+            "steps": 2, "guidance": 3.0, "cost": {"usd_per_second": 0.001}, **kw}
+
+
+def faults_app(base_app: dict) -> dict:
+    """A second app on /faults: the same graph with fault-injecting generator tiers, each falling back to a
+    real built-in model (`ok`). Light: the fakes import no torch. Its typography stage accepts any OCR read
+    (max_cer 1.0): OCR strictness is tested on the main app and in unit tests; this app tests the HTTP surface."""
+    tiers = {
+        "ok": {"kind": "builtin", "name": "prism-builtin-tiny", "config": "tiny", "native_size": 64, "steps": 2,
+               "guidance": 2.0, "max_batch_size": 4, "cost": {"usd_per_second": 0.001}},
+        "nan": _fake("nan"), "garbage": _fake("garbage"), "blank": _fake("blank"), "raises": _fake("raise"),
+        "wrong_size": _fake("wrong_size"), "oom": _fake("oom"),
+        "oom_batch": _fake("oom", fault_oom_above_batch=1, max_batch_size=8, batch_wait_timeout_s=0.5),
+        "slow": _fake("sleep", fault_sleep_s=20.0),
+        "cfg": _fake("nan_above_guidance", fault_guidance_threshold=2.0),
+    }
+    routes = {name: {"tier": name, "fallbacks": ["ok"], "max_latency_ms": 20000} for name in tiers}
+    routes.update({
+        "all_bad": {"tier": "nan", "fallbacks": ["garbage", "blank"], "max_latency_ms": 20000},
+        "slow": {"tier": "slow", "fallbacks": ["ok"], "max_latency_ms": 20000, "attempt_timeout_ms": 1500},
+        "too_slow": {"tier": "slow", "fallbacks": ["ok"], "max_latency_ms": 1500},
+        "cfg": {"tier": "cfg", "fallbacks": ["ok"], "max_latency_ms": 20000, "retry_guidance_factor": 0.5},
+        "budget": {"tier": "nan", "fallbacks": ["garbage", "ok"], "max_latency_ms": 20000, "max_attempts": 2},
+    })
+    small = {"ray_actor_options": {"num_cpus": 0.02}}
+    deployments = [
+        {"name": "Ingress", **small, "user_config": {"routing": {"version": "faults-1", "default_route": "ok",
+                                                                 "routes": routes, "rules": []}}},
+        {"name": "IntentClassifier", **small}, {"name": "Upscaler", **small}, {"name": "Typography", **small},
+    ] + [{"name": f"Generator_{t}", **small, "max_ongoing_requests": 16} for t in tiers]
+    return {"name": "faults", "route_prefix": "/faults", "import_path": base_app["import_path"],
+            "args": {"profile": "faults", "max_width": 256, "max_height": 256, "tiers": tiers,
+                     "post": {"backend": "realesrgan"}, "typography": {"ocr": "rapidocr", "max_cer": 1.0}},
+            "deployments": deployments}
 
 
 class Deployer:
@@ -31,11 +69,13 @@ class Deployer:
         self.client.deploy_apps(ServeDeploySchema.model_validate(config), _blocking=False)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            status = serve.status().applications.get(APP)
-            if status is not None and status.status == "RUNNING":
+            apps = serve.status().applications
+            states = {name: apps[name].status if name in apps else None for name in APPS}
+            if all(s == "RUNNING" for s in states.values()):
                 return
-            if status is not None and status.status == "DEPLOY_FAILED":
-                pytest.fail(f"deploy failed: {status.message}")
+            for name, s in states.items():
+                if s == "DEPLOY_FAILED":
+                    pytest.fail(f"deploy of {name} failed: {apps[name].message}")
             time.sleep(0.5)
         pytest.fail(f"app not RUNNING after {timeout_s}s: {serve.status()}")
 
@@ -51,7 +91,9 @@ def deployer():
 
     config = load_serve_config(ROOT / "serve_config.yaml")
     config["http_options"]["port"] = PORT
-    ray.init(num_cpus=2, include_dashboard=False, namespace="serve", log_to_driver=False)
+    config["applications"].append(faults_app(config["applications"][0]))
+    # 2 logical CPUs for the real profile (as on this machine) + a little for the fault app's light fakes.
+    ray.init(num_cpus=3, include_dashboard=False, namespace="serve", log_to_driver=False)
     try:
         client = serve_api.serve_start(http_options=config["http_options"], proxy_location=config["proxy_location"])
         d = Deployer(client, config)

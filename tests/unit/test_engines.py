@@ -18,7 +18,7 @@ def test_builtin_renders_native_size_deterministically(tiny):
     a = tiny.generate(["a red star"], [7], 2, 2.0)
     b = tiny.generate(["a red star"], [7], 2, 2.0)
     c = tiny.generate(["a red star"], [8], 2, 2.0)
-    assert a[0].shape == (64, 64, 3) and a[0].dtype == np.uint8
+    assert a[0].shape == (64, 64, 3) and a[0].dtype == np.float32  # checked and converted by the Generator
     assert np.array_equal(a[0], b[0]) and not np.array_equal(a[0], c[0])
     assert tiny.version.startswith("builtin-tiny-")
 
@@ -40,6 +40,26 @@ def test_diffusers_kind_loads_a_local_checkpoint(tmp_path, tiny):
     assert type(engine.pipe.scheduler).__name__ == "EulerDiscreteScheduler"
     assert engine.version.startswith("local-")
     assert engine.generate(["x"], [1], 2, 2.0)[0].shape == (64, 64, 3)
+
+
+def test_nan_in_latents_aborts_at_that_step(tiny, monkeypatch):
+    """Seed 000's incident: NaN at a denoising step stops the render there instead of returning black."""
+    from engines.generators import NonFiniteLatents
+
+    calls = []
+    real_step = tiny.pipe.scheduler.step
+
+    def nan_step(*args, **kwargs):
+        calls.append(1)
+        out = real_step(*args, **kwargs)
+        if len(calls) == 2:
+            (out[0] if isinstance(out, tuple) else out.prev_sample)[:] = float("nan")
+        return out
+
+    monkeypatch.setattr(tiny.pipe.scheduler, "step", nan_step)
+    with pytest.raises(NonFiniteLatents, match="step 1"):
+        tiny.generate(["x"], [1], 4, 2.0)
+    assert len(calls) == 2
 
 
 def test_diffusers_kind_refuses_to_download():
