@@ -31,18 +31,21 @@ class Generator:
         self.spec = ModelSpec.model_validate(spec)
         self.engine = build_engine(self.spec)
         self.size = (self.spec.native_size, self.spec.native_size)
-        self.stats = {"batches": 0, "oom_splits": 0, "failed_checks": 0, "cancelled": 0}
+        self.stats = {"running": 0, "batches": 0, "oom_splits": 0, "failed_checks": 0, "cancelled": 0}
         # @serve.batch's limits are per tier: applied from the spec, not hard-coded.
         self._batched.set_max_batch_size(self.spec.max_batch_size)
         self._batched.set_batch_wait_timeout_s(self.spec.batch_wait_timeout_s)
 
     async def generate(self, job: GenerateJob) -> GenerateResult:
         """Render one job (batched with concurrent ones); failures come back in `failure`, never raised."""
+        self.stats["running"] += 1
         try:
             return await self._batched(job)
         except asyncio.CancelledError:
             self.stats["cancelled"] += 1  # the client went away; Serve cancelled this request
             raise
+        finally:
+            self.stats["running"] -= 1
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.01)
     async def _batched(self, jobs: list[GenerateJob]) -> list[GenerateResult]:

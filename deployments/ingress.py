@@ -19,8 +19,9 @@ from graph.cost import render_cost
 from graph.errors import CapacityError, DeadlineExceeded, GenerationFailed, InvalidRequest, NotSupported, PrismError
 from graph.http import make_app, request_id_of
 from graph.images import b64_png
+from graph.load import TierLoad, retry_after_s, should_shed
 from graph.prefilter import PrefilterConfig, check_prompt
-from graph.routing import Features, PolicyConfig, decide, load_policy, resolve_model
+from graph.routing import Features, PolicyConfig, apply_brownout, decide, load_policy, resolve_model
 from graph.schemas import (
     Fallback,
     GenerateJob,
@@ -66,6 +67,7 @@ class Ingress:
         self.policy_loaded_at: float | None = None
         self.policy_rejected: dict | None = None
         self.inflight = 0
+        self.load = {tier: TierLoad() for tier in generators}
         self._versions: dict[str, str] = {}
         app.state.max_body_bytes = settings.get("max_body_bytes", app.state.max_body_bytes)
         app.state.behind_serve_proxy = True
@@ -104,6 +106,13 @@ class Ingress:
         """OpenAI-style model list: every route and tier a request may name in `model`."""
         names = sorted(self.policy.routes) + sorted(self.generators) + sorted(self.policy.model_aliases)
         return {"object": "list", "data": [{"id": n, "object": "model", "owned_by": "prism"} for n in names]}
+
+    @app.get("/v1/load")
+    async def get_load(self) -> dict:
+        """This ingress replica's view of load: requests in flight, and per tier in flight and EWMA service time."""
+        return {"inflight": self.inflight,
+                "tiers": {t: {"inflight": ld.inflight, "ewma_ms": None if ld.ewma_s is None else ld.ewma_s * 1000,
+                              "completed": ld.completed} for t, ld in self.load.items()}}
 
     @app.get("/v1/tiers")
     async def tiers(self) -> dict:
@@ -182,7 +191,7 @@ class Ingress:
             native_size=f"{native}x{native}", timings_ms=timings,
             cost_usd=render_cost(cost.get("usd_per_image", 0.0), cost.get("usd_per_second", 0.0), req.n,
                                  result.compute_s),
-            fallbacks=fallbacks, ocr=ocr, notes=notes, ignored_fields=req.ignored_fields)
+            degraded=decision.degraded, fallbacks=fallbacks, ocr=ocr, notes=notes, ignored_fields=req.ignored_fields)
         return GenerationResponse(created=int(time.time()), data=data, prism=prism)
 
     async def _typeset(self, images: list, text: str, prompt: str, deadline: float) -> tuple[list, OcrInfo]:
@@ -230,6 +239,7 @@ class Ingress:
                             user_tier=req.user_tier, quality=req.quality, has_text=bool(intent.text_to_render),
                             inflight=self.inflight)
         decision = decide(self.policy, features, forced=forced)
+        decision = apply_brownout(self.policy, decision, {t: ld.inflight for t, ld in self.load.items()})
         timings["route"] = _ms(t)
         return decision, notes
 
@@ -265,13 +275,19 @@ class Ingress:
         self._raise_chain_failed(decision, fallbacks)
 
     async def _attempt(self, tier: str, job: GenerateJob, decision: RouteDecision, deadline: float):
-        """One model attempt -> (failure reason or None, detail, result)."""
+        """One model attempt -> (failure reason or None, detail, result); sheds early what cannot finish in time."""
+        load, parallel = self.load[tier], self.tier_specs[tier].get("max_batch_size", 1)
+        if should_shed(load, parallel, deadline - time.perf_counter()):
+            return "shed", f"{load.inflight} in flight at ~{load.ewma_s:.2f}s each: cannot finish by the deadline", None
         attempt_deadline = None
         if decision.attempt_timeout_ms:
             attempt_deadline = time.perf_counter() + decision.attempt_timeout_ms / 1000
+        load.inflight += 1
+        t = time.perf_counter()
         try:
             result = await self._until(self.generators[tier].generate.remote(job), deadline, f"generate:{tier}",
                                        attempt_deadline=attempt_deadline)
+            load.observe(time.perf_counter() - t)
         except _AttemptTimeout:
             return "deadline", f"no answer within attempt_timeout_ms={decision.attempt_timeout_ms}", None
         except CapacityError as e:
@@ -283,18 +299,24 @@ class Ingress:
         except Exception as e:  # a replica crashed or the call failed: try the next model
             log.warning("tier %s failed: %r", tier, e)
             return "error", type(e).__name__, None
+        finally:
+            load.inflight -= 1
         if result.failure:
             return result.failure, result.detail, None
         self._versions[tier] = result.model_version
         return None, "", result
 
-    @staticmethod
-    def _raise_chain_failed(decision: RouteDecision, fallbacks: list[Fallback]):
+    def _raise_chain_failed(self, decision: RouteDecision, fallbacks: list[Fallback]):
         reasons = "; ".join(f"{f.model}: {f.reason}" for f in fallbacks)
         details = [f.model_dump() for f in fallbacks]
-        if fallbacks and all(f.reason == "overloaded" for f in fallbacks):
-            raise CapacityError(f"every model on route {decision.route!r} is at capacity ({reasons})",
-                                retry_after_s=2, details=details)
+        if fallbacks and all(f.reason in ("overloaded", "shed") for f in fallbacks):
+            # Retry-After from the queue state: when the soonest of the tiers tried has drained what it holds.
+            retry = min(retry_after_s(self.load[f.tier], self.tier_specs[f.tier].get("max_batch_size", 1))
+                        for f in fallbacks)
+            err = CapacityError(f"every model on route {decision.route!r} is at capacity ({reasons})",
+                                retry_after_s=retry, details=details)
+            err.status_code = self.settings.get("overload_status", 503)
+            raise err
         raise GenerationFailed(f"every model on route {decision.route!r} failed ({reasons})", details=details)
 
     async def _until(self, response, deadline: float | None, stage: str, attempt_deadline: float | None = None):

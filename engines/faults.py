@@ -28,6 +28,10 @@ class FaultInjectingEngine:
         self.batch_sizes: list[int] = []
 
     def delay_s(self, batch: int) -> float:
+        """Called as a batch starts: log it (tests wait on this file instead of sleeping), return the hold."""
+        if self.spec.fault_log_path:
+            with open(self.spec.fault_log_path, "a") as f:
+                f.write(f"started batch of {batch}\n")
         return self.spec.fault_sleep_s if self.spec.fault == "sleep" else 0.0
 
     def generate(self, prompts: list[str], seeds: list[int], steps: int, guidance: float) -> list:

@@ -69,6 +69,7 @@ class ModelSpec(BaseModel):
     fault_sleep_s: float = Field(default=30.0, ge=0)
     fault_oom_above_batch: int = Field(default=0, ge=0, description="OOM only when the batch is larger than this.")
     fault_guidance_threshold: float = Field(default=2.0, ge=0)
+    fault_log_path: str | None = Field(default=None, description="Append a line per batch started (tests watch it).")
 
     @model_validator(mode="after")
     def _kind_fields(self) -> ModelSpec:

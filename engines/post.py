@@ -41,6 +41,8 @@ class PostSpec(BaseModel):
     denoise: Literal["nlmeans", "bilateral", "none"] = "bilateral"
     denoise_strength: float = Field(default=5.0, ge=0.0, le=30.0)
     color_normalize: bool = True
+    gpu_memory_gb: float = Field(default=2.0, ge=0,
+                                 description="Stated peak GPU memory of the upscaler, for the planner.")
 
 
 @dataclass

@@ -6,6 +6,8 @@ the routing policy is the Ingress's `user_config` (live-reloaded by `serve deplo
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray.serve import Application
 
@@ -23,6 +25,8 @@ class AppArgs(BaseModel):
     max_width: int = Field(default=512, ge=SIZE_MIN, le=SIZE_MAX, multiple_of=SIZE_STEP)
     max_height: int = Field(default=512, ge=SIZE_MIN, le=SIZE_MAX, multiple_of=SIZE_STEP)
     max_body_bytes: int = Field(default=64 * 1024, ge=1024, le=16 * 1024 * 1024)
+    overload_status: Literal[503, 429] = Field(
+        default=503, description="Status when every model of a route is at capacity (with Retry-After).")
     tiers: dict[str, ModelSpec] = Field(min_length=1)
     post: PostSpec = Field(default_factory=PostSpec)
     typography: TypographySpec = Field(default_factory=TypographySpec)
@@ -54,6 +58,7 @@ def build_app(args: AppArgs) -> Application:
         tier: Generator.options(name=generator_deployment_name(tier)).bind(spec.model_dump())
         for tier, spec in args.tiers.items()
     }
-    settings = args.model_dump(include={"profile", "max_width", "max_height", "max_body_bytes", "tiers"})
+    settings = args.model_dump(
+        include={"profile", "max_width", "max_height", "max_body_bytes", "overload_status", "tiers"})
     return Ingress.bind(IntentClassifier.bind(), generators, Upscaler.bind(args.post.model_dump()),
                         Typography.bind(args.typography.model_dump()), settings)

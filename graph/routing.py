@@ -47,6 +47,15 @@ class Rule(BaseModel):
     route: str
 
 
+class Brownout(BaseModel):
+    """Past this load on the route's tier, degrade to another route instead of rejecting (seed 000)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_inflight: int = Field(ge=1, description="Requests in flight on the route's tier at which to degrade.")
+    route: str = Field(description="The (cheaper) route to degrade to.")
+
+
 class Route(BaseModel):
     """What a matched rule sends the request to."""
 
@@ -64,6 +73,7 @@ class Route(BaseModel):
     retry_guidance_factor: float | None = Field(
         default=None, gt=0, lt=1, description="On a failed check, retry the same model once with guidance x this "
                                               "before switching model (typography: high CFG artefacts).")
+    brownout: Brownout | None = None
 
 
 class PolicyConfig(BaseModel):
@@ -82,6 +92,12 @@ class PolicyConfig(BaseModel):
     def _references_resolve(self) -> PolicyConfig:
         if self.default_route not in self.routes:
             raise ValueError(f"`default_route` {self.default_route!r} is not one of routes {sorted(self.routes)}")
+        for name, route in self.routes.items():
+            if route.brownout and route.brownout.route not in self.routes:
+                raise ValueError(f"route {name!r} browns out to {route.brownout.route!r}, not one of "
+                                 f"{sorted(self.routes)}")
+            if route.brownout and route.brownout.route == name:
+                raise ValueError(f"route {name!r} cannot brown out to itself")
         names = set()
         for rule in self.rules:
             if rule.route not in self.routes:
@@ -163,8 +179,30 @@ def decide(policy: PolicyConfig, f: Features, forced: str | None = None) -> Rout
                              max_attempts=base.max_attempts, reason=f"`model` named tier {forced!r}")
     for rule in policy.rules:
         if rule_matches(rule.match, f):
-            return _decision(policy, rule.route, rule=rule.name, reason=f"rule {rule.name!r} matched")
+            d = _decision(policy, rule.route, rule=rule.name, reason=f"rule {rule.name!r} matched")
+            # A rule that fires on load is itself a brownout: say so in the response.
+            d.degraded = rule.match.min_inflight is not None
+            return d
     return _decision(policy, policy.default_route, rule="default", reason="no rule matched")
+
+
+def apply_brownout(policy: PolicyConfig, d: RouteDecision, tier_inflight: dict[str, int]) -> RouteDecision:
+    """Degrade a decision whose route's tier is past its brownout load; otherwise return it unchanged.
+
+    Example: premium browns out to fast at 4 in flight; with premium at 4, a hero request goes to fast,
+    marked degraded, keeping the rule that matched it for the record.
+    """
+    route = policy.routes.get(d.route)
+    if route is None or route.brownout is None:
+        return d
+    load = tier_inflight.get(route.tier, 0)
+    if load < route.brownout.max_inflight:
+        return d
+    out = _decision(policy, route.brownout.route, rule=d.rule,
+                    reason=f"{d.reason}; browned out: tier {route.tier!r} has {load} in flight "
+                           f"(limit {route.brownout.max_inflight})")
+    out.degraded = True
+    return out
 
 
 def _decision(policy: PolicyConfig, route_name: str, *, rule: str, reason: str) -> RouteDecision:

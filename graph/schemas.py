@@ -89,6 +89,7 @@ class RouteDecision(BaseModel):
     attempt_timeout_ms: int | None = None
     max_attempts: int | None = None
     retry_guidance_factor: float | None = None
+    degraded: bool = False
     reason: str = ""
 
 
@@ -141,6 +142,7 @@ class PrismInfo(BaseModel):
     native_size: str
     timings_ms: dict[str, float]
     cost_usd: float
+    degraded: bool = Field(default=False, description="Load moved this request to a cheaper route (brownout).")
     fallbacks: list[Fallback] = Field(default_factory=list)
     ocr: OcrInfo | None = None
     notes: list[str] = Field(default_factory=list)

@@ -6,6 +6,7 @@ handed to the Serve controller), so the YAML's args, deployment options and rout
 
 import copy
 import os
+import tempfile
 import time
 
 import httpx
@@ -14,6 +15,8 @@ import pytest
 from graph.config import ROOT, load_serve_config
 
 PORT = int(os.environ.get("PRISM_TEST_PORT", "18000"))
+# The held fake appends a line here each time a batch starts running on its replica.
+HELD_LOG = os.path.join(tempfile.gettempdir(), f"prism-held-{os.getpid()}.log")
 APPS = ("prism", "faults")
 
 
@@ -34,6 +37,9 @@ def faults_app(base_app: dict) -> dict:
         "oom_batch": _fake("oom", fault_oom_above_batch=1, max_batch_size=8, batch_wait_timeout_s=0.5),
         "slow": _fake("sleep", fault_sleep_s=20.0),
         "cfg": _fake("nan_above_guidance", fault_guidance_threshold=2.0),
+        # Held busy for 20 s per call (released when the client goes away): backpressure and brownout.
+        "held": _fake("sleep", fault_sleep_s=20.0, max_batch_size=1, fault_log_path=HELD_LOG),
+        "held2": _fake("sleep", fault_sleep_s=20.0, max_batch_size=1),
     }
     routes = {name: {"tier": name, "fallbacks": ["ok"], "max_latency_ms": 20000} for name in tiers}
     routes.update({
@@ -42,13 +48,18 @@ def faults_app(base_app: dict) -> dict:
         "too_slow": {"tier": "slow", "fallbacks": ["ok"], "max_latency_ms": 1500},
         "cfg": {"tier": "cfg", "fallbacks": ["ok"], "max_latency_ms": 20000, "retry_guidance_factor": 0.5},
         "budget": {"tier": "nan", "fallbacks": ["garbage", "ok"], "max_latency_ms": 20000, "max_attempts": 2},
+        "bp": {"tier": "held", "fallbacks": [], "max_latency_ms": 30000},
+        "brown": {"tier": "held2", "fallbacks": [], "max_latency_ms": 30000,
+                  "brownout": {"max_inflight": 1, "route": "ok"}},
     })
     small = {"ray_actor_options": {"num_cpus": 0.02}}
     deployments = [
         {"name": "Ingress", **small, "user_config": {"routing": {"version": "faults-1", "default_route": "ok",
                                                                  "routes": routes, "rules": []}}},
         {"name": "IntentClassifier", **small}, {"name": "Upscaler", **small}, {"name": "Typography", **small},
-    ] + [{"name": f"Generator_{t}", **small, "max_ongoing_requests": 16} for t in tiers]
+    ] + [{"name": f"Generator_{t}", **small, "max_ongoing_requests": 16} for t in tiers if t != "held"] + [
+        # One running, one queued, the next rejected by Serve: the queue filled deterministically.
+        {"name": "Generator_held", **small, "max_ongoing_requests": 1, "max_queued_requests": 1}]
     return {"name": "faults", "route_prefix": "/faults", "import_path": base_app["import_path"],
             "args": {"profile": "faults", "max_width": 256, "max_height": 256, "tiers": tiers,
                      "post": {"backend": "realesrgan"}, "typography": {"ocr": "rapidocr", "max_cer": 1.0}},

@@ -179,6 +179,8 @@ def test_check_text_reports_read_cer_and_latency(backend, read_back_images):
     assert ok.backend == backend.name and ok.passed and ok.cer <= 0.2 and ok.latency_ms > 0
     blank = check_text(backend, np.full((128, 128, 3), 200, np.uint8), "Fresh Bread", max_cer=0.0)
     assert (blank.read, blank.cer, blank.passed) == ("", 1.0, False)
+    with pytest.raises(ValueError, match="max_cer"):
+        check_text(backend, read_back_images[2], "Fresh Bread", max_cer=-0.1)
 
 
 def test_backend_rejects_non_rgb(backend):

@@ -22,7 +22,8 @@ def test_every_deployment_sets_its_queue_and_resources(profile):
     for name in ["Ingress", "IntentClassifier", "Upscaler", *map(generator_deployment_name, args.tiers)]:
         block = deployment_block(app, name)
         assert block, f"{profile} has no deployments entry for {name}"
-        assert "max_ongoing_requests" in block and "num_cpus" in block["ray_actor_options"]
+        assert "max_ongoing_requests" in block and "max_queued_requests" in block, name
+        assert "num_cpus" in block["ray_actor_options"]
 
 
 def test_cpu_profile_fits_two_cores_at_max_scale():

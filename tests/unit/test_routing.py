@@ -104,3 +104,37 @@ def test_forced_tier_keeps_a_fallback_chain():
 @pytest.mark.parametrize("profile", ["serve_config.yaml", "serve_config.gpu.yaml"])
 def test_profiles_are_valid(profile):
     assert validate_profile(ROOT / profile) == []
+
+
+def _with_brownout(max_inflight=2):
+    raw = copy.deepcopy(RAW)
+    raw["routes"]["premium"]["brownout"] = {"max_inflight": max_inflight, "route": "fast"}
+    return load_policy(raw, TIERS)
+
+
+BROWNOUT = [
+    pytest.param({"premium": 1}, "premium", False, id="below_limit"),
+    pytest.param({"premium": 2}, "fast", True, id="at_limit"),
+    pytest.param({"fast": 99}, "premium", False, id="other_tier_busy"),
+]
+
+
+@pytest.mark.parametrize("inflight,route,degraded", BROWNOUT)
+def test_brownout_degrades_premium_past_its_load(inflight, route, degraded):
+    from graph.routing import apply_brownout
+
+    policy = _with_brownout()
+    d = apply_brownout(policy, decide(policy, Features("hero", "hero", 0.9, user_tier="pro")), inflight)
+    assert (d.route, d.degraded, d.rule) == (route, degraded, "hero-paid-premium")
+
+
+def test_load_rule_marks_degraded():
+    assert decide(POLICY, Features("hero", "hero", 0.9, inflight=500)).degraded is True
+    assert decide(POLICY, Features("hero", "hero", 0.9)).degraded is False
+
+
+def test_brownout_to_unknown_route_is_rejected():
+    raw = copy.deepcopy(RAW)
+    raw["routes"]["premium"]["brownout"] = {"max_inflight": 2, "route": "nowhere"}
+    with pytest.raises(ValueError, match="browns out to 'nowhere'"):
+        load_policy(raw, TIERS)

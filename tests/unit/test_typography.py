@@ -118,6 +118,13 @@ def test_wrap(text, break_words, lines):
     assert wrap(text, _fits10, break_words) == lines
 
 
+def test_ligatures_are_off():
+    font = typography._font("DejaVuSans-Bold", 40)
+    assert typography.FONT_FEATURES is not None  # Pillow's wheels bundle libraqm
+    # "ff" as one glyph reads back as "0ff"; drawn as two glyphs it is wider.
+    assert font.getlength("Off", features=typography.FONT_FEATURES) > font.getlength("Off")
+
+
 def test_fit_prefers_one_line_and_shrinks_rather_than_break():
     fit = fit_text("Hello World", "DejaVuSans-Bold", (440, 200), outline=False, plate=False)
     assert fit.lines == ["Hello World"] and fit.size >= 40
