@@ -14,7 +14,8 @@ export RAY_DISABLE_USAGE_STATS := 1
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: serve test install system-deps lint unit integration e2e check-config train-intent clean
+.PHONY: serve test install system-deps lint unit integration e2e check-config train-intent loadtest loadtest-1000 \
+	plan-gpu clean
 
 $(STAMP): requirements.txt pyproject.toml
 	$(MAKE) system-deps
@@ -57,6 +58,18 @@ integration: install
 
 e2e: install
 	$(BIN)/python -m pytest tests/e2e
+
+# Load tests (bounded, loopback only): start Prism on the simulated profile if it is not up, run Locust
+# headless, check loadtests/targets.yaml, stop what was started. Exit non-zero on a missed target.
+loadtest: install
+	$(BIN)/python loadtests/run.py
+
+loadtest-1000: install
+	$(BIN)/python loadtests/run.py --users 1000 --spawn-rate 100 --run-time 90
+
+# How Ray will pack the GPU profile at max scale on a node shape (exit 1 if co-located models do not fit).
+plan-gpu: install
+	$(BIN)/python -m graph.placement serve_config.gpu.yaml --gpus-per-node 8 --gpu-memory-gb 80 --nodes 2
 
 # Retrain the intent head on data/intent/train.jsonl (seconds); commits engines/assets/intent_head.npz.
 train-intent: install

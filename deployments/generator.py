@@ -10,6 +10,7 @@ batch splits the batch in halves and retries the parts before giving up (seed 00
 import asyncio
 import time
 
+import ray
 from ray import serve
 
 from engines.checks import OutputCheckFailed, check_image
@@ -98,7 +99,8 @@ class Generator:
             return _Failure(e.reason, e.detail)
 
     def info(self) -> dict:
-        """What this tier serves: name, version, native size, defaults, counters."""
+        """What this tier serves: name, version, native size, defaults, counters, the (logical) GPUs it holds."""
         return {"model": self.engine.name, "model_version": self.engine.version, "kind": self.spec.kind,
+                "gpu_ids": [str(g) for g in ray.get_gpu_ids()], "device": getattr(self.engine, "device", "cpu"),
                 "native_size": self.spec.native_size, "steps": self.spec.steps, "guidance": self.spec.guidance,
                 "stats": dict(self.stats)}

@@ -41,6 +41,9 @@ app = make_app()
 
 # Reasons a generator attempt fails that a lower guidance may cure (artefacts, not infrastructure).
 GUIDANCE_CURABLE = ("nan", "blank")
+# Reasons that mean "no capacity now" rather than "the models produced garbage": a chain that failed only for
+# these answers 503 + Retry-After (come back later), otherwise 502.
+CAPACITY_REASONS = ("overloaded", "shed", "deadline", "oom")
 
 
 class _AttemptTimeout(Exception):
@@ -309,7 +312,7 @@ class Ingress:
     def _raise_chain_failed(self, decision: RouteDecision, fallbacks: list[Fallback]):
         reasons = "; ".join(f"{f.model}: {f.reason}" for f in fallbacks)
         details = [f.model_dump() for f in fallbacks]
-        if fallbacks and all(f.reason in ("overloaded", "shed") for f in fallbacks):
+        if fallbacks and all(f.reason in CAPACITY_REASONS for f in fallbacks):
             # Retry-After from the queue state: when the soonest of the tiers tried has drained what it holds.
             retry = min(retry_after_s(self.load[f.tier], self.tier_specs[f.tier].get("max_batch_size", 1))
                         for f in fallbacks)

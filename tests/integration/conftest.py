@@ -18,6 +18,7 @@ PORT = int(os.environ.get("PRISM_TEST_PORT", "18000"))
 # The held fake appends a line here each time a batch starts running on its replica.
 HELD_LOG = os.path.join(tempfile.gettempdir(), f"prism-held-{os.getpid()}.log")
 APPS = ("prism", "faults")
+GPU_TIERS = ("ok", "nan", "garbage", "blank")
 
 
 def _fake(fault: str, **kw) -> dict:
@@ -53,11 +54,16 @@ def faults_app(base_app: dict) -> dict:
                   "brownout": {"max_inflight": 1, "route": "ok"}},
     })
     small = {"ray_actor_options": {"num_cpus": 0.02}}
+    # Logical GPUs (ray.init(num_gpus=2) on this CPU machine): these replicas ask for a quarter GPU each.
+    gpu = {"ray_actor_options": {"num_cpus": 0.02, "num_gpus": 0.25}}
+    for t in GPU_TIERS:
+        tiers[t]["gpu_memory_gb"] = 10
     deployments = [
         {"name": "Ingress", **small, "user_config": {"routing": {"version": "faults-1", "default_route": "ok",
                                                                  "routes": routes, "rules": []}}},
         {"name": "IntentClassifier", **small}, {"name": "Upscaler", **small}, {"name": "Typography", **small},
-    ] + [{"name": f"Generator_{t}", **small, "max_ongoing_requests": 16} for t in tiers if t != "held"] + [
+    ] + [{"name": f"Generator_{t}", **(gpu if t in GPU_TIERS else small), "max_ongoing_requests": 16}
+         for t in tiers if t != "held"] + [
         # One running, one queued, the next rejected by Serve: the queue filled deterministically.
         {"name": "Generator_held", **small, "max_ongoing_requests": 1, "max_queued_requests": 1}]
     return {"name": "faults", "route_prefix": "/faults", "import_path": base_app["import_path"],
@@ -104,7 +110,7 @@ def deployer():
     config["http_options"]["port"] = PORT
     config["applications"].append(faults_app(config["applications"][0]))
     # 2 logical CPUs for the real profile (as on this machine) + a little for the fault app's light fakes.
-    ray.init(num_cpus=3, include_dashboard=False, namespace="serve", log_to_driver=False)
+    ray.init(num_cpus=3, num_gpus=2, include_dashboard=False, namespace="serve", log_to_driver=False)
     try:
         client = serve_api.serve_start(http_options=config["http_options"], proxy_location=config["proxy_location"])
         d = Deployer(client, config)

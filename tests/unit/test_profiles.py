@@ -6,7 +6,7 @@ from ray.serve.schema import ServeDeploySchema
 from graph.app import AppArgs, generator_deployment_name
 from graph.config import ROOT, deployment_block, load_serve_config, prism_app
 
-PROFILES = ["serve_config.yaml", "serve_config.gpu.yaml"]
+PROFILES = ["serve_config.yaml", "serve_config.gpu.yaml", "serve_config.sim.yaml"]
 
 
 @pytest.mark.parametrize("profile", PROFILES)

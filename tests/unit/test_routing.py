@@ -101,7 +101,7 @@ def test_forced_tier_keeps_a_fallback_chain():
     assert d.rule == "forced:model" and d.tier == "premium"
 
 
-@pytest.mark.parametrize("profile", ["serve_config.yaml", "serve_config.gpu.yaml"])
+@pytest.mark.parametrize("profile", ["serve_config.yaml", "serve_config.gpu.yaml", "serve_config.sim.yaml"])
 def test_profiles_are_valid(profile):
     assert validate_profile(ROOT / profile) == []
 

@@ -1,0 +1,173 @@
+"""Serving benchmarks, each printing ratios measured side by side in one run (one Ray instance, loopback):
+
+    .venv/bin/python benchmarks/serving.py overhead   # full graph (zero-latency simulated models) vs ingress-only
+    .venv/bin/python benchmarks/serving.py routed     # Prism's routing vs everything on the premium tier
+    .venv/bin/python benchmarks/serving.py batching   # built-in tier at concurrency 16: @serve.batch vs batch 1
+
+Results are recorded in benchmarks/RESULTS.md. Medians and p95 over all requests of a run.
+"""
+
+import asyncio
+import copy
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import httpx  # noqa: E402
+
+from graph.config import ROOT, load_serve_config  # noqa: E402
+
+PORT = 18100
+BASE = f"http://127.0.0.1:{PORT}"
+MIX = [("soft teal to purple gradient background for slides", "free")] * 6 + \
+      [("flat minimal app icon of a rocket", "free")] * 5 + \
+      [("a photo of a golden retriever on a beach at sunset, 35mm", "free")] * 4 + \
+      [('a poster that says "GRAND OPENING"', "free")] * 3 + \
+      [("hero image for our saas landing page, cinematic", "pro")] * 2
+
+
+def pct(xs, p):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+
+
+async def drive(path: str, bodies: list[dict], concurrency: int) -> tuple[list[float], list[dict], int]:
+    """Send bodies with `concurrency` workers; returns latencies (ms) of 200s, their JSON, non-200 count."""
+    lat, out, bad = [], [], 0
+    queue = list(bodies)
+    async with httpx.AsyncClient(base_url=BASE, timeout=300) as client:
+        async def worker():
+            nonlocal bad
+            while queue:
+                body = queue.pop()
+                t = time.perf_counter()
+                r = await client.post(path, json=body)
+                if r.status_code == 200:
+                    lat.append((time.perf_counter() - t) * 1000)
+                    out.append(r.json())
+                else:
+                    bad += 1
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return lat, out, bad
+
+
+def start(config: dict) -> None:
+    import ray
+    from ray import serve
+    from ray.serve._private import api as serve_api
+    from ray.serve.schema import ServeDeploySchema
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, namespace="serve", log_to_driver=False)
+        serve_api.serve_start(http_options={"host": "127.0.0.1", "port": PORT})
+    from ray.serve.context import _get_global_client
+
+    _get_global_client().deploy_apps(ServeDeploySchema.model_validate(config), _blocking=False)
+    deadline = time.monotonic() + 300
+    names = [a["name"] for a in config["applications"]]
+    while time.monotonic() < deadline:
+        apps = serve.status().applications
+        if all(n in apps and apps[n].status == "RUNNING" for n in names):
+            return
+        time.sleep(0.5)
+    raise SystemExit(f"apps not running: {serve.status()}")
+
+
+def sim_config(zero_latency: bool = False) -> dict:
+    cfg = load_serve_config(ROOT / "serve_config.sim.yaml")
+    cfg["http_options"]["port"] = PORT
+    app = cfg["applications"][0]
+    if zero_latency:
+        for spec in app["args"]["tiers"].values():
+            spec["latency_ms_p50"], spec["latency_ms_p95"] = 0.001, 0.001
+    return cfg
+
+
+def overhead() -> None:
+    cfg = sim_config(zero_latency=True)
+    bare = {"name": "bare", "route_prefix": "/bare", "import_path": "benchmarks.bare_ingress:app",
+            "deployments": [{"name": "BareIngress", "ray_actor_options": {"num_cpus": 0.1},
+                                     "max_ongoing_requests": 64}]}  # same as the graph's Ingress
+    cfg["applications"].append(bare)
+    start(cfg)
+    body = {"prompt": "flat minimal app icon of a rocket", "size": "64x64", "intent": "icon"}
+    print("graph overhead: /v1/images/generations through the full graph (zero-latency simulated generator) "
+          "vs a one-deployment ingress that parses the same body and returns a 64x64 PNG")
+    for conc in (1, 32):
+        n = 60 if conc == 1 else 320
+        asyncio.run(drive("/v1/images/generations", [body] * 20, conc))  # warm-up
+        full, _, bad_f = asyncio.run(drive("/v1/images/generations", [body] * n, conc))
+        bare_l, _, bad_b = asyncio.run(drive("/bare/v1/images/generations", [body] * n, conc))
+        print(f"  concurrency {conc:2d}: full p50 {statistics.median(full):7.1f} ms p95 {pct(full, 95):7.1f} ms | "
+              f"ingress-only p50 {statistics.median(bare_l):6.1f} ms p95 {pct(bare_l, 95):6.1f} ms | "
+              f"ratio p50 {statistics.median(full) / statistics.median(bare_l):.1f}x "
+              f"p95 {pct(full, 95) / pct(bare_l, 95):.1f}x | non-200: {bad_f}/{bad_b}")
+
+
+def routed() -> None:
+    cfg = sim_config()
+    for d in cfg["applications"][0]["deployments"]:
+        if d["name"] == "Ingress":  # measure the routing itself: no load-based brownout in either arm
+            for route in d["user_config"]["routing"]["routes"].values():
+                route.pop("brownout", None)
+    start(cfg)
+    bodies = [{"prompt": p, "user_tier": t, "size": "256x256", "seed": i} for i, (p, t) in enumerate(MIX * 4)]
+    mono = [{**b, "model": "premium"} for b in bodies]
+    asyncio.run(drive("/v1/images/generations", bodies[:8], 4))
+    r_lat, r_out, r_bad = asyncio.run(drive("/v1/images/generations", bodies, 4))
+    m_lat, m_out, m_bad = asyncio.run(drive("/v1/images/generations", mono, 4))
+
+    def summary(lat, out):
+        cost = statistics.mean(o["prism"]["cost_usd"] for o in out)
+        ocr = [o["prism"]["ocr"]["passed"] for o in out if o["prism"].get("ocr")]
+        return statistics.median(lat), pct(lat, 95), cost, (sum(ocr) / len(ocr)) if ocr else float("nan")
+
+    r, m = summary(r_lat, r_out), summary(m_lat, m_out)
+    print(f"routed vs monolith (serve_config.sim.yaml: H100 latency profiles; {len(bodies)} requests of the seeds' "
+          f"mix, concurrency 4)")
+    print(f"  routed:   p50 {r[0]:7.0f} ms  p95 {r[1]:7.0f} ms  cost/render ${r[2]:.5f}  OCR pass {r[3]:.0%}  "
+          f"non-200 {r_bad}")
+    print(f"  monolith: p50 {m[0]:7.0f} ms  p95 {m[1]:7.0f} ms  cost/render ${m[2]:.5f}  OCR pass {m[3]:.0%}  "
+          f"non-200 {m_bad}")
+    print(f"  routed/monolith: p50 {r[0] / m[0]:.2f} ({(r[0] / m[0] - 1):+.0%}), p95 {r[1] / m[1]:.2f}, "
+          f"cost {r[2] / m[2]:.2f} ({(r[2] / m[2] - 1):+.0%})")
+
+
+def batching() -> None:
+    base = load_serve_config(ROOT / "serve_config.yaml")
+    base["http_options"]["port"] = PORT
+    app = base["applications"][0]
+    app["args"]["tiers"] = {"fast": app["args"]["tiers"]["fast"]}
+    app["args"]["tiers"]["fast"].update(max_batch_size=8, batch_wait_timeout_s=0.02)
+    app["deployments"] = [d for d in app["deployments"] if not d["name"].startswith("Generator_")
+                          or d["name"] == "Generator_fast"]
+    for d in app["deployments"]:
+        if d["name"] == "Generator_fast":
+            d.pop("autoscaling_config", None)
+            d["num_replicas"] = 1
+        if d["name"] == "Ingress":
+            routing = d["user_config"]["routing"]
+            routing["routes"] = {"fast": {"tier": "fast", "max_latency_ms": 120000}}
+            routing["default_route"], routing["rules"], routing["model_aliases"] = "fast", [], {}
+    one = copy.deepcopy(base)
+    one["applications"][0]["args"]["tiers"]["fast"]["max_batch_size"] = 1
+    body = {"prompt": "flat minimal app icon of a rocket", "size": "64x64", "intent": "icon"}
+    results = {}
+    for label, cfg in (("batch 8", base), ("batch 1", one)):
+        start(cfg)
+        asyncio.run(drive("/v1/images/generations", [body] * 16, 16))
+        t = time.perf_counter()
+        lat, _, bad = asyncio.run(drive("/v1/images/generations", [body] * 96, 16))
+        results[label] = (len(lat) / (time.perf_counter() - t), statistics.median(lat), bad)
+    print("dynamic batching: built-in fast tier (64 px, 4 steps), 1 replica, concurrency 16, 96 requests")
+    for label, (rps, p50, bad) in results.items():
+        print(f"  {label}: {rps:5.2f} req/s, p50 {p50:7.0f} ms, non-200 {bad}")
+    print(f"  throughput ratio batch 8 / batch 1: {results['batch 8'][0] / results['batch 1'][0]:.2f}x")
+
+
+if __name__ == "__main__":
+    {"overhead": overhead, "routed": routed, "batching": batching}[sys.argv[1]]()

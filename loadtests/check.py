@@ -1,0 +1,70 @@
+"""Check Locust's CSV stats against loadtests/targets.yaml; exit 1 on any miss.
+
+    python loadtests/check.py out/loadtest_stats.csv --profile sim
+"""
+
+import argparse
+import csv
+import sys
+from pathlib import Path
+
+import yaml
+
+TARGETS = Path(__file__).with_name("targets.yaml")
+
+
+def read_stats(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _num(row: dict, key: str) -> float:
+    v = row.get(key, "") or "0"
+    return float(v) if v not in ("N/A", "") else 0.0
+
+
+def evaluate(rows: list[dict], targets: dict) -> tuple[list[str], list[str]]:
+    """(lines to print, misses) for the stats rows against one profile's targets."""
+    gen = [r for r in rows if r["Type"] == "POST"]
+    total = sum(_num(r, "Request Count") for r in gen)
+    errors = sum(_num(r, "Failure Count") for r in gen)
+    r503 = [r for r in rows if r["Type"] == "503"]
+    n503 = sum(_num(r, "Request Count") for r in r503)
+    lines, misses = [], []
+
+    def check(label: str, value: float, limit: float, fmt: str = "{:.3f}", op=float.__le__):
+        ok = op(float(value), float(limit))
+        lines.append(f"{'ok  ' if ok else 'MISS'} {label}: {fmt.format(value)} (target {fmt.format(limit)})")
+        if not ok:
+            misses.append(label)
+
+    check("requests", total, targets["min_requests"], "{:.0f}", float.__ge__)
+    check("error ratio (not 200, not designed 503)", errors / max(total, 1), targets["max_error_ratio"])
+    check("503 ratio", n503 / max(total, 1), targets["max_503_ratio"])
+    if r503:
+        check("503 p99 ms", max(_num(r, "99%") for r in r503), targets["max_503_p99_ms"], "{:.0f}")
+    routes = {r["Name"]: r for r in rows if r["Type"] == "route"}
+    for name, t in targets["routes"].items():
+        if name not in routes:
+            lines.append(f"--   route {name}: no 200s in this run")
+            continue
+        check(f"route {name} p50 ms", _num(routes[name], "50%"), t["p50_ms"], "{:.0f}")
+        check(f"route {name} p95 ms", _num(routes[name], "95%"), t["p95_ms"], "{:.0f}")
+    return lines, misses
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("stats_csv", type=Path)
+    ap.add_argument("--profile", default="sim")
+    ap.add_argument("--targets", type=Path, default=TARGETS)
+    args = ap.parse_args(argv)
+    targets = yaml.safe_load(args.targets.read_text())[args.profile]
+    lines, misses = evaluate(read_stats(args.stats_csv), targets)
+    print("\n".join(lines))
+    print("PASS" if not misses else f"FAIL: {len(misses)} target(s) missed")
+    return 1 if misses else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

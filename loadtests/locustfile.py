@@ -1,0 +1,91 @@
+"""Prism under the seeds' mixed traffic, with a burst. Run by loadtests/run.py; never collected by pytest
+(gevent's patching breaks ssl when locust is imported after ray/httpx).
+
+Stats entries: `POST gen:<intent>` is every request (errors are failures); `route <name>` records each 200 by the
+route that served it (p50/p95 per route); `503 <intent>` records designed overload answers apart from errors.
+"""
+
+import os
+import random
+
+from locust import FastHttpUser, LoadTestShape, between, events, task
+
+PROMPTS = {
+    "typography": ['a poster that says "GRAND OPENING"', 'storefront banner that says "SUMMER SALE 50% OFF"',
+                   'a coffee shop sign that reads: Fresh Bread', 'book cover titled "The Silent Harbor"'],
+    "icon": ["flat minimal app icon of a rocket", "a simple line icon of a shopping cart",
+             "favicon of a green leaf, flat"],
+    "background": ["soft teal to purple gradient background for slides", "subtle paper texture backdrop",
+                   "abstract blurred bokeh wallpaper in warm tones"],
+    "photoreal": ["a photo of a golden retriever on a beach at sunset, 35mm",
+                  "product shot of a white sneaker on a concrete floor, studio lighting"],
+    "hero": ["hero image for our saas landing page, cinematic, above the fold",
+             "campaign key visual for a summer product launch, dramatic light"],
+}
+# The seeds' mix: mostly cheap work (backgrounds, icons), some everyday images, a few hero shots and posters.
+WEIGHTS = {"background": 30, "icon": 25, "photoreal": 20, "typography": 15, "hero": 10}
+TIERS = {"free": 70, "pro": 25, "enterprise": 5}
+
+
+class PrismUser(FastHttpUser):
+    wait_time = between(float(os.environ.get("PRISM_WAIT_MIN", "1")), float(os.environ.get("PRISM_WAIT_MAX", "3")))
+    network_timeout = 120.0
+    connection_timeout = 10.0
+
+    def _generate(self, intent: str):
+        body = {"prompt": random.choice(PROMPTS[intent]), "size": random.choice(["256x256", "512x512"]),
+                "user_tier": random.choices(list(TIERS), weights=list(TIERS.values()))[0]}
+        with self.client.post("/v1/images/generations", json=body, name=f"gen:{intent}",
+                              catch_response=True) as resp:
+            elapsed_ms = resp.request_meta["response_time"] if hasattr(resp, "request_meta") else 0
+            if resp.status_code == 200:
+                route = resp.json()["prism"]["route"]
+                events.request.fire(request_type="route", name=route, response_time=elapsed_ms,
+                                    response_length=0, exception=None, context={})
+                resp.success()
+            elif resp.status_code == 503 and resp.headers.get("retry-after"):
+                events.request.fire(request_type="503", name=intent, response_time=elapsed_ms,
+                                    response_length=0, exception=None, context={})
+                resp.success()  # designed backpressure: counted apart, not an error
+            else:
+                resp.failure(f"{resp.status_code}: {resp.text[:200]}")
+
+    @task(WEIGHTS["background"])
+    def background(self):
+        self._generate("background")
+
+    @task(WEIGHTS["icon"])
+    def icon(self):
+        self._generate("icon")
+
+    @task(WEIGHTS["photoreal"])
+    def photoreal(self):
+        self._generate("photoreal")
+
+    @task(WEIGHTS["typography"])
+    def typography(self):
+        self._generate("typography")
+
+    @task(WEIGHTS["hero"])
+    def hero(self):
+        self._generate("hero")
+
+
+class BurstShape(LoadTestShape):
+    """calm -> 10x spike -> calm. PRISM_BASE_USERS users, PRISM_PHASE_S seconds a phase (env)."""
+
+    base = int(os.environ.get("PRISM_BASE_USERS", "4"))
+    phase = float(os.environ.get("PRISM_PHASE_S", "40"))
+    use_shape = os.environ.get("PRISM_SHAPE", "burst") == "burst"
+
+    def tick(self):
+        if not self.use_shape:
+            return None  # plain -u/-r/-t from the command line
+        t = self.get_run_time()
+        if t < self.phase:
+            return self.base, self.base
+        if t < 2 * self.phase:
+            return self.base * 10, self.base * 10
+        if t < 3 * self.phase:
+            return self.base, self.base * 10
+        return None

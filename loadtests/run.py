@@ -1,0 +1,89 @@
+"""One command, end to end: start Prism if it is not up, run Locust headless for a bounded time, check the
+targets, stop what it started. Exit status = the checker's.
+
+    .venv/bin/python loadtests/run.py                      # burst shape on serve_config.sim.yaml (make loadtest)
+    .venv/bin/python loadtests/run.py --users 1000 --spawn-rate 100 --run-time 90   # (make loadtest-1000)
+"""
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def _up(host: str) -> bool:
+    req = urllib.request.Request(f"{host}/v1/route", data=json.dumps({"prompt": "an app icon"}).encode(),
+                                 headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return r.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def start_server(config: str, host: str, log: Path) -> subprocess.Popen:
+    proc = subprocess.Popen([str(BIN / "serve"), "run", config], cwd=ROOT, stdout=open(log, "wb"),
+                            stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            sys.exit(f"serve run exited early; see {log}")
+        if _up(host):
+            return proc
+        time.sleep(1)
+    proc.terminate()
+    sys.exit(f"server not answering after 240 s; see {log}")
+
+
+def run_locust(args, out: Path) -> int:
+    env = {**os.environ, "PRISM_SHAPE": "burst" if args.users is None else "none",
+           "PRISM_BASE_USERS": str(args.base_users), "PRISM_PHASE_S": str(args.phase_s)}
+    cmd = [str(BIN / "locust"), "-f", str(ROOT / "loadtests" / "locustfile.py"), "--headless", "--host", args.host,
+           "--csv", str(out), "--only-summary", "--stop-timeout", "30"]
+    if args.users is not None:
+        cmd += ["-u", str(args.users), "-r", str(args.spawn_rate), "-t", f"{args.run_time}s"]
+    bound = (args.run_time if args.users is not None else 3 * args.phase_s) + 120
+    return subprocess.run(cmd, env=env, timeout=bound).returncode
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="serve_config.sim.yaml")
+    ap.add_argument("--profile", default="sim", help="section of loadtests/targets.yaml")
+    ap.add_argument("--host", default="http://127.0.0.1:8000")
+    ap.add_argument("--users", type=int, default=None, help="constant users instead of the burst shape")
+    ap.add_argument("--spawn-rate", type=float, default=50)
+    ap.add_argument("--run-time", type=int, default=90)
+    ap.add_argument("--base-users", type=int, default=4, help="burst shape: calm users (spike is 10x)")
+    ap.add_argument("--phase-s", type=float, default=40)
+    ap.add_argument("--out", type=Path, default=ROOT / "out" / "loadtest")
+    args = ap.parse_args()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    server = None
+    if not _up(args.host):
+        print(f"starting serve run {args.config} ...", flush=True)
+        server = start_server(args.config, args.host, args.out.with_suffix(".serve.log"))
+    try:
+        run_locust(args, args.out)
+    finally:
+        if server is not None:
+            server.send_signal(signal.SIGTERM)  # serve run stops its cluster on SIGTERM (not SIGINT)
+            try:
+                server.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                server.kill()
+    check = [sys.executable, str(ROOT / "loadtests" / "check.py"), f"{args.out}_stats.csv", "--profile", args.profile]
+    return subprocess.run(check).returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())
