@@ -102,6 +102,9 @@ def evaluate(backend: OcrBackend, cases: list[Case], images: list[np.ndarray]) -
     for kind in BACKGROUNDS:
         sub = [c for case, c in zip(cases, cers, strict=True) if case.background == kind]
         print(f"{backend.name}:   {kind:8s} n={len(sub)} exact_match={sum(c == 0 for c in sub) / len(sub):.3f}")
+    for size in SIZES:
+        sub = [ms for case, ms in zip(cases, lat, strict=True) if case.size == size]
+        print(f"{backend.name}:   {size}px median_latency_ms={statistics.median(sub):.0f}")
     fixed = 0
     for case, read in misses:
         retry = backend.read(render(case, safe=True))

@@ -71,6 +71,8 @@ class Ingress:
         self.policy_rejected: dict | None = None
         self.inflight = 0
         self.load = {tier: TierLoad() for tier in generators}
+        # CPU-bound stages after generation are shed the same way when they cannot finish in time.
+        self.stage_load = {"post": TierLoad(), "typography": TierLoad()}
         self._versions: dict[str, str] = {}
         app.state.max_body_bytes = settings.get("max_body_bytes", app.state.max_body_bytes)
         app.state.behind_serve_proxy = True
@@ -115,7 +117,9 @@ class Ingress:
         """This ingress replica's view of load: requests in flight, and per tier in flight and EWMA service time."""
         return {"inflight": self.inflight,
                 "tiers": {t: {"inflight": ld.inflight, "ewma_ms": None if ld.ewma_s is None else ld.ewma_s * 1000,
-                              "completed": ld.completed} for t, ld in self.load.items()}}
+                              "completed": ld.completed} for t, ld in self.load.items()},
+                "stages": {s: {"inflight": ld.inflight, "ewma_ms": None if ld.ewma_s is None else ld.ewma_s * 1000,
+                               "completed": ld.completed} for s, ld in self.stage_load.items()}}
 
     @app.get("/v1/tiers")
     async def tiers(self) -> dict:
@@ -170,7 +174,7 @@ class Ingress:
         # 5. Post: denoise, upscale to the requested size, normalise colour. (Before typography, unlike
         #    DESIGN.md's list: text composited after upscaling keeps exact, sharp glyphs.)
         t = time.perf_counter()
-        post = await self._until(self.upscaler.process.remote(result.images, width, height), deadline, "post")
+        post = await self._stage("post", lambda: self.upscaler.process.remote(result.images, width, height), deadline)
         timings["post"] = _ms(t)
         images = post["images"]
         # 6. Typography: exact text composited, then OCR-checked (when the request carries text).
@@ -198,7 +202,7 @@ class Ingress:
         return GenerationResponse(created=int(time.time()), data=data, prism=prism)
 
     async def _typeset(self, images: list, text: str, prompt: str, deadline: float) -> tuple[list, OcrInfo]:
-        out = await self._until(self.typography.render.remote(images, text, prompt), deadline, "typography")
+        out = await self._stage("typography", lambda: self.typography.render.remote(images, text, prompt), deadline)
         if out.get("error") == "text_does_not_fit":
             raise InvalidRequest(f"`text` does not fit the requested size: {out['detail']}", param="text")
         ocr = OcrInfo.model_validate(out["ocr"])
@@ -280,11 +284,13 @@ class Ingress:
     async def _attempt(self, tier: str, job: GenerateJob, decision: RouteDecision, deadline: float):
         """One model attempt -> (failure reason or None, detail, result); sheds early what cannot finish in time."""
         load, parallel = self.load[tier], self.tier_specs[tier].get("max_batch_size", 1)
-        if should_shed(load, parallel, deadline - time.perf_counter()):
-            return "shed", f"{load.inflight} in flight at ~{load.ewma_s:.2f}s each: cannot finish by the deadline", None
         attempt_deadline = None
         if decision.attempt_timeout_ms:
             attempt_deadline = time.perf_counter() + decision.attempt_timeout_ms / 1000
+        # Shed now what would only time out later: a fast 503 beats a slow one.
+        limit = deadline if attempt_deadline is None else min(deadline, attempt_deadline)
+        if should_shed(load, parallel, limit - time.perf_counter()):
+            return "shed", f"{load.inflight} in flight at ~{load.ewma_s:.2f}s each: cannot finish in time", None
         load.inflight += 1
         t = time.perf_counter()
         try:
@@ -321,6 +327,21 @@ class Ingress:
             err.status_code = self.settings.get("overload_status", 503)
             raise err
         raise GenerationFailed(f"every model on route {decision.route!r} failed ({reasons})", details=details)
+
+    async def _stage(self, stage: str, call, deadline: float):
+        """A post-generation stage call, shed (503 + Retry-After) when its queue cannot finish it in time."""
+        load = self.stage_load[stage]
+        if should_shed(load, 1, deadline - time.perf_counter()):
+            raise CapacityError(f"stage {stage} is overloaded: {load.inflight} in flight at ~{load.ewma_s:.2f}s each "
+                                f"cannot finish before the request's deadline", retry_after_s=retry_after_s(load, 1))
+        load.inflight += 1
+        t = time.perf_counter()
+        try:
+            out = await self._until(call(), deadline, stage)
+            load.observe(time.perf_counter() - t)
+            return out
+        finally:
+            load.inflight -= 1
 
     async def _until(self, response, deadline: float | None, stage: str, attempt_deadline: float | None = None):
         """Await a downstream call within the deadline; map Serve's overload and availability errors."""

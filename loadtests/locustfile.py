@@ -74,7 +74,7 @@ class PrismUser(FastHttpUser):
 class BurstShape(LoadTestShape):
     """calm -> 10x spike -> calm. PRISM_BASE_USERS users, PRISM_PHASE_S seconds a phase (env)."""
 
-    base = int(os.environ.get("PRISM_BASE_USERS", "4"))
+    base = int(os.environ.get("PRISM_BASE_USERS", "3"))
     phase = float(os.environ.get("PRISM_PHASE_S", "40"))
     use_shape = os.environ.get("PRISM_SHAPE", "burst") == "burst"
 

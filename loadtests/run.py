@@ -63,7 +63,7 @@ def main() -> int:
     ap.add_argument("--users", type=int, default=None, help="constant users instead of the burst shape")
     ap.add_argument("--spawn-rate", type=float, default=50)
     ap.add_argument("--run-time", type=int, default=90)
-    ap.add_argument("--base-users", type=int, default=4, help="burst shape: calm users (spike is 10x)")
+    ap.add_argument("--base-users", type=int, default=3, help="burst shape: calm users (spike is 10x)")
     ap.add_argument("--phase-s", type=float, default=40)
     ap.add_argument("--out", type=Path, default=ROOT / "out" / "loadtest")
     args = ap.parse_args()
