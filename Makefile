@@ -65,7 +65,7 @@ loadtest: install
 	$(BIN)/python loadtests/run.py
 
 loadtest-1000: install
-	$(BIN)/python loadtests/run.py --users 1000 --spawn-rate 100 --run-time 90
+	$(BIN)/python loadtests/run.py --users 1000 --spawn-rate 100 --run-time 90 --profile sim1000
 
 # How Ray will pack the GPU profile at max scale on a node shape (exit 1 if co-located models do not fit).
 plan-gpu: install

@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/serving.py overhead   # full graph (zero-latency simulated models) vs ingress-only
     .venv/bin/python benchmarks/serving.py routed     # Prism's routing vs everything on the premium tier
     .venv/bin/python benchmarks/serving.py batching   # built-in tier at concurrency 16: @serve.batch vs batch 1
+    .venv/bin/python benchmarks/serving.py burst      # accepted p95 under a 20x spike vs unloaded; 503 latency
 
 Results are recorded in benchmarks/RESULTS.md. Medians and p95 over all requests of a run.
 """
@@ -33,6 +34,20 @@ MIX = [("soft teal to purple gradient background for slides", "free")] * 6 + \
 def pct(xs, p):
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+
+
+async def drive_statuses(path: str, bodies: list[dict], concurrency: int) -> list[tuple[int, float, bool]]:
+    """(status, latency ms, has Retry-After) for every request, `concurrency` at a time."""
+    out, queue = [], list(bodies)
+    async with httpx.AsyncClient(base_url=BASE, timeout=300) as client:
+        async def worker():
+            while queue:
+                body = queue.pop()
+                t = time.perf_counter()
+                r = await client.post(path, json=body)
+                out.append((r.status_code, (time.perf_counter() - t) * 1000, "retry-after" in r.headers))
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return out
 
 
 async def drive(path: str, bodies: list[dict], concurrency: int) -> tuple[list[float], list[dict], int]:
@@ -169,5 +184,31 @@ def batching() -> None:
     print(f"  throughput ratio batch 8 / batch 1: {results['batch 8'][0] / results['batch 1'][0]:.2f}x")
 
 
+def burst() -> None:
+    start(sim_config())
+    bodies = [{"prompt": p, "user_tier": t, "size": "256x256", "seed": i} for i, (p, t) in enumerate(MIX * 12)]
+    asyncio.run(drive_statuses("/v1/images/generations", bodies[:8], 2))
+    calm = asyncio.run(drive_statuses("/v1/images/generations", bodies[:40], 2))
+    spike = asyncio.run(drive_statuses("/v1/images/generations", bodies, 40))
+
+    def ok_p95(rows):
+        lat = [ms for st, ms, _ in rows if st == 200]
+        return pct(lat, 95) if lat else float("nan"), len(lat)
+
+    calm_p95, calm_n = ok_p95(calm)
+    spike_p95, spike_n = ok_p95(spike)
+    r503 = [ms for st, ms, ra in spike if st == 503]
+    with_retry = sum(1 for st, _, ra in spike if st == 503 and ra)
+    other = [st for st, _, _ in spike + calm if st not in (200, 503)]
+    print(f"burst (serve_config.sim.yaml): unloaded = concurrency 2 x 40 requests; spike = concurrency 40 x "
+          f"{len(bodies)} requests of the seeds' mix")
+    print(f"  accepted p95: unloaded {calm_p95:.0f} ms ({calm_n} ok) | spike {spike_p95:.0f} ms ({spike_n} ok) | "
+          f"ratio {spike_p95 / calm_p95:.2f}x")
+    if r503:
+        print(f"  503s under the spike: {len(r503)} ({with_retry} with Retry-After), "
+              f"p50 {statistics.median(r503):.0f} ms p99 {pct(r503, 99):.0f} ms")
+    print(f"  errors other than 503: {len(other)} {sorted(set(other))}")
+
+
 if __name__ == "__main__":
-    {"overhead": overhead, "routed": routed, "batching": batching}[sys.argv[1]]()
+    {"overhead": overhead, "routed": routed, "batching": batching, "burst": burst}[sys.argv[1]]()

@@ -76,11 +76,8 @@ class BurstShape(LoadTestShape):
 
     base = int(os.environ.get("PRISM_BASE_USERS", "3"))
     phase = float(os.environ.get("PRISM_PHASE_S", "40"))
-    use_shape = os.environ.get("PRISM_SHAPE", "burst") == "burst"
 
     def tick(self):
-        if not self.use_shape:
-            return None  # plain -u/-r/-t from the command line
         t = self.get_run_time()
         if t < self.phase:
             return self.base, self.base
@@ -89,3 +86,7 @@ class BurstShape(LoadTestShape):
         if t < 3 * self.phase:
             return self.base, self.base * 10
         return None
+
+
+if os.environ.get("PRISM_SHAPE", "burst") != "burst":
+    del BurstShape  # Locust uses any shape class it finds; without one, -u/-r/-t from the command line apply
