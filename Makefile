@@ -15,7 +15,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
 .PHONY: serve test install system-deps lint unit integration e2e check-config train-intent loadtest loadtest-1000 \
-	plan-gpu clean
+	plan-gpu train-builtin frontier clean
 
 $(STAMP): requirements.txt pyproject.toml
 	$(MAKE) system-deps
@@ -74,6 +74,14 @@ plan-gpu: install
 # Retrain the intent head on data/intent/train.jsonl (seconds); commits engines/assets/intent_head.npz.
 train-intent: install
 	$(BIN)/python -m engines.intent train
+
+# Trains the built-in models (engines/builtin_models/) from seed 0; ~20 min each on 2 CPU cores.
+train-builtin: install
+	$(BIN)/python -m training.builtin
+
+# Adherence-vs-latency frontier and sample grid of the built-in models (benchmarks/builtin_*.png).
+frontier: install
+	$(BIN)/python -m benchmarks.builtin_frontier
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

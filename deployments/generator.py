@@ -71,7 +71,8 @@ class Generator:
         return GenerateResult(
             images=[] if failure else outputs, model=self.engine.name, model_version=self.engine.version,
             steps=steps, guidance=guidance, compute_s=compute_s, failure=failure.reason if failure else None,
-            detail=failure.detail if failure else "", extra={"batch_size": batch})
+            detail=failure.detail if failure else "",
+            extra={"batch_size": batch, "note": getattr(self.engine, "note", None)})
 
     async def _render_splitting(self, items: list[tuple], steps: int, guidance: float) -> list:
         """Render items in one call; on OOM split in halves and retry each part; check every output."""
@@ -89,11 +90,13 @@ class Generator:
                         + await self._render_splitting(items[half:], steps, guidance))
             reason = "oom" if is_oom(e) else ("nan" if isinstance(e, FloatingPointError) else "error")
             return [_Failure(reason, f"{type(e).__name__}: {e}")] * len(items)
-        return [self._check(o) for o in raw]
+        flat_ok = getattr(self.engine, "flat_ok", None)
+        flat = flat_ok(prompts) if flat_ok else [False] * len(raw)
+        return [self._check(o, f) for o, f in zip(raw, flat, strict=True)]
 
-    def _check(self, output):
+    def _check(self, output, flat_ok: bool = False):
         try:
-            return check_image(output, self.size)
+            return check_image(output, self.size, allow_flat=flat_ok)
         except OutputCheckFailed as e:
             self.stats["failed_checks"] += 1
             return _Failure(e.reason, e.detail)

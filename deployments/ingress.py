@@ -115,11 +115,8 @@ class Ingress:
     @app.get("/v1/load")
     async def get_load(self) -> dict:
         """This ingress replica's view of load: requests in flight, and per tier in flight and EWMA service time."""
-        return {"inflight": self.inflight,
-                "tiers": {t: {"inflight": ld.inflight, "ewma_ms": None if ld.ewma_s is None else ld.ewma_s * 1000,
-                              "completed": ld.completed} for t, ld in self.load.items()},
-                "stages": {s: {"inflight": ld.inflight, "ewma_ms": None if ld.ewma_s is None else ld.ewma_s * 1000,
-                               "completed": ld.completed} for s, ld in self.stage_load.items()}}
+        return {"inflight": self.inflight, "tiers": {t: ld.snapshot() for t, ld in self.load.items()},
+                "stages": {s: ld.snapshot() for s, ld in self.stage_load.items()}}
 
     @app.get("/v1/tiers")
     async def tiers(self) -> dict:
@@ -190,6 +187,8 @@ class Ingress:
         timings["total"] = _ms(t0)
         cost = self.tier_specs[tier].get("cost", {})
         native = self.tier_specs[tier]["native_size"]
+        if result.extra.get("note"):
+            notes.append(result.extra["note"])
         if post["backend"] != "none":
             notes.append(f"upscaled x{post['scale']} by {post['backend']} from {native}px")
         prism = PrismInfo(
@@ -291,12 +290,10 @@ class Ingress:
         limit = deadline if attempt_deadline is None else min(deadline, attempt_deadline)
         if should_shed(load, parallel, limit - time.perf_counter()):
             return "shed", f"{load.inflight} in flight at ~{load.ewma_s:.2f}s each: cannot finish in time", None
-        load.inflight += 1
-        t = time.perf_counter()
         try:
-            result = await self._until(self.generators[tier].generate.remote(job), deadline, f"generate:{tier}",
-                                       attempt_deadline=attempt_deadline)
-            load.observe(time.perf_counter() - t)
+            with load.track():
+                result = await self._until(self.generators[tier].generate.remote(job), deadline, f"generate:{tier}",
+                                           attempt_deadline=attempt_deadline)
         except _AttemptTimeout:
             return "deadline", f"no answer within attempt_timeout_ms={decision.attempt_timeout_ms}", None
         except CapacityError as e:
@@ -308,8 +305,6 @@ class Ingress:
         except Exception as e:  # a replica crashed or the call failed: try the next model
             log.warning("tier %s failed: %r", tier, e)
             return "error", type(e).__name__, None
-        finally:
-            load.inflight -= 1
         if result.failure:
             return result.failure, result.detail, None
         self._versions[tier] = result.model_version
@@ -334,14 +329,8 @@ class Ingress:
         if should_shed(load, 1, deadline - time.perf_counter()):
             raise CapacityError(f"stage {stage} is overloaded: {load.inflight} in flight at ~{load.ewma_s:.2f}s each "
                                 f"cannot finish before the request's deadline", retry_after_s=retry_after_s(load, 1))
-        load.inflight += 1
-        t = time.perf_counter()
-        try:
-            out = await self._until(call(), deadline, stage)
-            load.observe(time.perf_counter() - t)
-            return out
-        finally:
-            load.inflight -= 1
+        with load.track():
+            return await self._until(call(), deadline, stage)
 
     async def _until(self, response, deadline: float | None, stage: str, attempt_deadline: float | None = None):
         """Await a downstream call within the deadline; map Serve's overload and availability errors."""

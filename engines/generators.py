@@ -1,9 +1,8 @@
 """Generator engines behind one interface: `builtin`, `diffusers`, `simulated`.
 
-- builtin: small diffusers pipelines (UNet + VAE + MiniLM text encoder + scheduler) built from the JSON
-  configs in engines/builtin_configs/ with seeded weights, so a fresh CPU machine serves images with no
-  download. Until they are trained (see the README) they are untrained placeholders: real compute, real
-  code path, images that do not follow the prompt.
+- builtin: Prism's own small text-conditioned pixel diffusion models, trained in this repo on a procedural
+  shapes-and-backgrounds dataset and shipped in engines/builtin_models/ (engines/builtin.py), so a fresh
+  CPU machine serves images that follow the prompt with no download. Demo models, and responses say so.
 - diffusers: any text-to-image pipeline by hub id or local path via AutoPipelineForText2Image. Loading is
   local-only by default (`local_files_only: true`): no node may download at request time.
 - simulated: the latency (and stated GPU memory) of a real model, with a cheap placeholder image; for load
@@ -22,7 +21,9 @@ from typing import Literal, Protocol
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-BUILTIN_DIR = Path(__file__).parent / "builtin_configs"
+BUILTIN_DIR = Path(__file__).parent / "builtin_models"
+BUILTIN_NOTE = ("built-in demo model: a small diffusion model trained in the Prism repo on coloured shapes and "
+                "backgrounds; prompts outside that domain get the nearest colours and shapes it knows")
 SCHEDULERS = ("DPMSolverMultistepScheduler", "EulerDiscreteScheduler", "DDIMScheduler",
               "EulerAncestralDiscreteScheduler", "FlowMatchEulerDiscreteScheduler")
 
@@ -49,8 +50,8 @@ class ModelSpec(BaseModel):
     cost: CostSpec = Field(default_factory=CostSpec)
     gpu_memory_gb: float | None = Field(default=None, ge=0, description="Stated peak memory, for the planner.")
     # builtin
-    config: str | None = Field(default=None, description="builtin: config name in engines/builtin_configs/.")
-    weights_seed: int = 0
+    config: str | None = Field(default=None, description="builtin: model folder in engines/builtin_models/.")
+    sampler: Literal["dpm++", "euler", "ddim"] | None = Field(default=None, description="builtin: sampler.")
     # diffusers
     model_id: str | None = Field(default=None, description="diffusers: hub id or local path.")
     revision: str | None = None
@@ -74,9 +75,13 @@ class ModelSpec(BaseModel):
     @model_validator(mode="after")
     def _kind_fields(self) -> ModelSpec:
         if self.kind == "builtin" and not self.config:
-            raise ValueError("a builtin model needs `config` (a file name in engines/builtin_configs/)")
-        if self.kind == "builtin" and not (BUILTIN_DIR / f"{self.config}.json").exists():
+            raise ValueError("a builtin model needs `config` (a model folder in engines/builtin_models/)")
+        if self.kind == "builtin" and not (BUILTIN_DIR / self.config / "prism.json").exists():
             raise ValueError(f"builtin `config` {self.config!r} not found; have {builtin_names()}")
+        if self.kind == "builtin":
+            size = json.loads((BUILTIN_DIR / self.config / "prism.json").read_text())["native_size"]
+            if self.native_size != size:
+                raise ValueError(f"builtin model {self.config!r} renders {size}x{size}: set `native_size: {size}`")
         if self.kind == "diffusers" and not self.model_id:
             raise ValueError("a diffusers model needs `model_id` (hub id or local path)")
         if self.kind == "simulated" and (self.latency_ms_p50 is None or self.latency_ms_p95 is None):
@@ -90,7 +95,7 @@ class ModelSpec(BaseModel):
 
 
 def builtin_names() -> list[str]:
-    return sorted(p.stem for p in BUILTIN_DIR.glob("*.json"))
+    return sorted(p.parent.name for p in BUILTIN_DIR.glob("*/prism.json"))
 
 
 class Engine(Protocol):
@@ -117,7 +122,7 @@ def is_oom(e: BaseException) -> bool:
 
 
 class DiffusersEngine:
-    """A diffusers text-to-image pipeline; `pipe` is shared by builtin and hub/local checkpoints."""
+    """A diffusers text-to-image pipeline by hub id or local path."""
 
     def __init__(self, spec: ModelSpec, pipe=None, version: str | None = None):
         import torch
@@ -191,28 +196,42 @@ def _dir_version(path: Path) -> str | None:
     return "local-" + h.hexdigest()[:12]
 
 
-def build_builtin_pipeline(spec: ModelSpec):
-    """A StableDiffusionPipeline from a JSON config in the repo, weights seeded; returns (pipe, weights hash)."""
-    import torch
-    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import AutoTokenizer, BertModel
+class BuiltinEngine:
+    """A shipped built-in model (engines/builtin.py) behind the Engine interface."""
 
-    cfg = json.loads((BUILTIN_DIR / f"{spec.config}.json").read_text())
-    encoder_dir = minilm_path()
-    torch.manual_seed(spec.weights_seed)
-    unet = UNet2DConditionModel(**cfg["unet"])
-    vae = AutoencoderKL(**cfg["vae"])
-    tokenizer = AutoTokenizer.from_pretrained(encoder_dir, model_max_length=cfg.get("max_tokens", 77))
-    text_encoder = BertModel.from_pretrained(encoder_dir, add_pooling_layer=False)
-    scheduler = DPMSolverMultistepScheduler(**cfg.get("scheduler", {}))
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-    h = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode())
-    for module in (unet, vae):
-        for t in module.state_dict().values():
-            h.update(t.detach().cpu().numpy().tobytes())
-    return pipe, f"builtin-{spec.config}-{h.hexdigest()[:12]}"
+    note = BUILTIN_NOTE
+
+    def __init__(self, spec: ModelSpec):
+        import torch
+
+        from engines.builtin import BuiltinModel
+
+        self.spec = spec
+        self.name = spec.name
+        self.device = "cuda" if spec.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
+        self.model = BuiltinModel(BUILTIN_DIR / spec.config, device=self.device)
+        self.native_size = self.model.size
+        self.version = f"builtin-{self.model.version}"
+
+    def delay_s(self, batch: int) -> float:
+        return 0.0
+
+    def flat_ok(self, prompts: list[str]) -> list[bool]:
+        """Prompts that ask for a plain one-colour background: a flat render is right there, not a failure."""
+        return [p["shape"] == "none" and p["background"] == "solid" for p in self.model.parse(list(prompts))]
+
+    def generate(self, prompts: list[str], seeds: list[int], steps: int, guidance: float) -> list[np.ndarray]:
+        """Float32 HxWx3 arrays in [0, 1]; NaN/Inf in the latents aborts at that step."""
+        imgs = self.model.generate(list(prompts), list(seeds), int(steps), float(guidance), self.spec.sampler,
+                                   on_step=_abort_on_nonfinite_step)
+        return list(imgs)
+
+
+def _abort_on_nonfinite_step(step: int, latents) -> None:
+    import torch
+
+    if not torch.isfinite(latents).all():
+        raise NonFiniteLatents(f"NaN/Inf in latents at denoising step {step}")
 
 
 def minilm_path() -> str:
@@ -263,7 +282,6 @@ def build_engine(spec: ModelSpec) -> Engine:
 
         return FaultInjectingEngine(spec)
     if spec.kind == "builtin":
-        pipe, version = build_builtin_pipeline(spec)
-        return DiffusersEngine(spec, pipe=pipe, version=version)
+        return BuiltinEngine(spec)
     return DiffusersEngine(spec)
 

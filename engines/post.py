@@ -123,9 +123,14 @@ class Upscaler:
         """Bring one HxWx3 uint8 image to (width, height)."""
         # 1. denoise at native size
         img = denoise(img, self.spec.denoise, self.spec.denoise_strength)
-        # 2. upscale by a model factor
-        scale = pick_scale((img.shape[1], img.shape[0]), (width, height))
-        img, backend = self._upscale(img, scale)
+        # 2. upscale by model factors: 32 -> 512 is two x4 passes (a model pass beats Lanczos at any factor)
+        scale, backend = 1, "none"
+        for _ in range(3):
+            step = pick_scale((img.shape[1], img.shape[0]), (width, height))
+            if step == 1:
+                break
+            img, backend = self._upscale(img, step)
+            scale *= step
         # 3. exact size (aspect ratio and non-integer ratios)
         if img.shape[1] != width or img.shape[0] != height:
             img = np.asarray(Image.fromarray(img).resize((width, height), Image.LANCZOS))

@@ -7,6 +7,8 @@ tier's service time; from those it estimates how long new work would wait.
 from __future__ import annotations
 
 import math
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 MAX_RETRY_AFTER_S = 60
@@ -17,6 +19,21 @@ class TierLoad:
     inflight: int = 0
     ewma_s: float | None = None  # service time of one call, seconds
     completed: int = 0
+
+    @contextmanager
+    def track(self):
+        """Count a call in flight for its duration; a call that returns (not raises) feeds the EWMA."""
+        self.inflight += 1
+        t = time.perf_counter()
+        try:
+            yield
+            self.observe(time.perf_counter() - t)
+        finally:
+            self.inflight -= 1
+
+    def snapshot(self) -> dict:
+        return {"inflight": self.inflight, "ewma_ms": None if self.ewma_s is None else self.ewma_s * 1000,
+                "completed": self.completed}
 
     def observe(self, seconds: float, alpha: float = 0.2) -> None:
         """Fold one finished call's duration into the EWMA."""

@@ -76,3 +76,24 @@ def test_readme_openai_sdk_example(served):
     img = Image.open(io.BytesIO(base64.b64decode(result.data[0].b64_json)))
     assert img.size == (512, 512)
     assert result.model_extra["prism"]["route"] == "fast"
+
+
+def test_a_red_star_on_a_blue_background_reads_as_one(served):
+    """The built-in models follow the prompt: an independent checker reads the served PNG (engines/shapes.py)."""
+    import numpy as np
+
+    from engines import shapes
+
+    scene = shapes.Scene("solid", ("blue",), shape="star", color="red")
+    reads = []
+    for seed in (1, 2, 3, 4):
+        r = httpx.post(f"{BASE}/v1/images/generations", timeout=120,
+                       json={"prompt": "a red star on a blue background", "size": "512x512", "seed": seed})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert any("demo model" in n for n in body["prism"]["notes"]), body["prism"]["notes"]
+        img = Image.open(io.BytesIO(base64.b64decode(body["data"][0]["b64_json"]))).convert("RGB")
+        reads.append(shapes.check(np.asarray(img.resize((64, 64), Image.BOX)), scene))
+    # Blue background and a red shape, every seed. The outline is not reliably a star yet (33-41% shape identity
+    # on held-out captions, benchmarks/RESULTS.md): that part of the built-in-models goal is open.
+    assert all(r["bg_ok"] and r["color_ok"] for r in reads), reads

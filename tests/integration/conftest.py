@@ -31,7 +31,7 @@ def faults_app(base_app: dict) -> dict:
     real built-in model (`ok`). Light: the fakes import no torch. Its typography stage accepts any OCR read
     (max_cer 1.0): OCR strictness is tested on the main app and in unit tests; this app tests the HTTP surface."""
     tiers = {
-        "ok": {"kind": "builtin", "name": "prism-builtin-tiny", "config": "tiny", "native_size": 64, "steps": 2,
+        "ok": {"kind": "builtin", "name": "prism-builtin-small", "config": "small", "native_size": 32, "steps": 2,
                "guidance": 2.0, "max_batch_size": 4, "cost": {"usd_per_second": 0.001}},
         "nan": _fake("nan"), "garbage": _fake("garbage"), "blank": _fake("blank"), "raises": _fake("raise"),
         "wrong_size": _fake("wrong_size"), "oom": _fake("oom"),

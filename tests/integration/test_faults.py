@@ -41,7 +41,7 @@ def test_failure_falls_back_to_next_model(http, route, reasons):
     prism = r.json()["prism"]
     assert [f["reason"] for f in prism["fallbacks"]] == reasons
     assert prism["fallbacks"][0]["model"].startswith("fault-injecting-")
-    assert prism["tier"] == "ok" and prism["model"] == "prism-builtin-tiny"
+    assert prism["tier"] == "ok" and prism["model"] == "prism-builtin-small"
     _assert_images_pass_checks(r.json())
 
 

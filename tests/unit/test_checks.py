@@ -103,3 +103,12 @@ def test_fault_injector_nan_only_at_high_guidance():
 ])
 def test_is_oom(exc, expected):
     assert is_oom(exc) is expected
+
+
+def test_allow_flat_skips_only_the_blank_check():
+    flat = np.zeros((64, 64, 3), np.float32)
+    with pytest.raises(OutputCheckFailed, match="blank"):
+        check_image(flat, (64, 64))
+    assert check_image(flat, (64, 64), allow_flat=True).shape == (64, 64, 3)
+    with pytest.raises(OutputCheckFailed, match="nan"):
+        check_image(np.full((64, 64, 3), np.nan, np.float32), (64, 64), allow_flat=True)

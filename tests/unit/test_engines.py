@@ -1,40 +1,56 @@
 """Generator engines: built-in pipelines, the diffusers loader on a local checkpoint, simulated latency."""
 
+import json
 import statistics
+from pathlib import Path
 
 import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from engines.generators import DiffusersEngine, ModelSpec, SimulatedEngine, build_builtin_pipeline, build_engine
+from engines.generators import DiffusersEngine, ModelSpec, SimulatedEngine
+
+ASSETS = Path(__file__).parent.parent / "assets"
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    return build_engine(ModelSpec(kind="builtin", name="t", config="tiny", native_size=64, steps=2))
+def sd_checkpoint(tmp_path_factory):
+    """A Stable Diffusion pipeline from a small config with random weights, saved to disk like a real one."""
+    import torch
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import AutoTokenizer, BertModel
+
+    from engines.generators import minilm_path
+
+    cfg = json.loads((ASSETS / "sd_tiny.json").read_text())
+    torch.manual_seed(0)
+    pipe = StableDiffusionPipeline(
+        vae=AutoencoderKL(**cfg["vae"]), unet=UNet2DConditionModel(**cfg["unet"]),
+        text_encoder=BertModel.from_pretrained(minilm_path(), add_pooling_layer=False),
+        tokenizer=AutoTokenizer.from_pretrained(minilm_path(), model_max_length=cfg["max_tokens"]),
+        scheduler=DPMSolverMultistepScheduler(**cfg["scheduler"]), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
+    path = tmp_path_factory.mktemp("sd") / "checkpoint"
+    pipe.save_pretrained(path)
+    return path
 
 
-def test_builtin_renders_native_size_deterministically(tiny):
+@pytest.fixture(scope="module")
+def tiny(sd_checkpoint):
+    return DiffusersEngine(ModelSpec(kind="diffusers", name="t", model_id=str(sd_checkpoint), native_size=64, steps=2))
+
+
+def test_diffusers_renders_native_size_deterministically(tiny):
     a = tiny.generate(["a red star"], [7], 2, 2.0)
     b = tiny.generate(["a red star"], [7], 2, 2.0)
     c = tiny.generate(["a red star"], [8], 2, 2.0)
     assert a[0].shape == (64, 64, 3) and a[0].dtype == np.float32  # checked and converted by the Generator
     assert np.array_equal(a[0], b[0]) and not np.array_equal(a[0], c[0])
-    assert tiny.version.startswith("builtin-tiny-")
 
 
-def test_builtin_tiers_differ_in_cost():
-    sizes = {}
-    for cfg in ("tiny", "small", "base"):
-        pipe, _ = build_builtin_pipeline(ModelSpec(kind="builtin", name=cfg, config=cfg))
-        sizes[cfg] = sum(p.numel() for p in pipe.unet.parameters())
-    assert sizes["tiny"] < sizes["small"] < sizes["base"]
-
-
-def test_diffusers_kind_loads_a_local_checkpoint(tmp_path, tiny):
+def test_diffusers_kind_loads_a_local_checkpoint(sd_checkpoint):
     """The production loader (AutoPipelineForText2Image, local only) on a checkpoint saved to disk."""
-    tiny.pipe.save_pretrained(tmp_path)
-    spec = ModelSpec(kind="diffusers", name="local", model_id=str(tmp_path), native_size=64, steps=2,
+    spec = ModelSpec(kind="diffusers", name="local", model_id=str(sd_checkpoint), native_size=64, steps=2,
                      scheduler="EulerDiscreteScheduler")
     engine = DiffusersEngine(spec)
     assert type(engine.pipe.scheduler).__name__ == "EulerDiscreteScheduler"

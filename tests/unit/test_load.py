@@ -25,3 +25,14 @@ def test_ewma_and_shedding():
     assert should_shed(load, parallel=1, remaining_s=5.0)  # 5 rounds x 1.4 s = 7 s > 5 s
     assert not should_shed(load, parallel=4, remaining_s=5.0)  # 2 rounds = 2.8 s
     assert not should_shed(TierLoad(inflight=9), parallel=1, remaining_s=0.1)  # never shed blind
+
+
+def test_track_counts_in_flight_and_feeds_the_ewma_only_on_success():
+    load = TierLoad()
+    with load.track():
+        assert load.inflight == 1
+    assert load.inflight == 0 and load.completed == 1 and load.ewma_s is not None
+    with pytest.raises(RuntimeError), load.track():
+        raise RuntimeError("replica died")
+    assert load.inflight == 0 and load.completed == 1
+    assert load.snapshot()["completed"] == 1 and load.snapshot()["inflight"] == 0
