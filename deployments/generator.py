@@ -15,6 +15,7 @@ from ray import serve
 
 from engines.checks import OutputCheckFailed, check_image
 from engines.generators import ModelSpec, build_engine, is_oom
+from engines.health import HealthGate, ReplicaUnhealthy
 from graph.schemas import GenerateJob, GenerateResult
 
 
@@ -32,7 +33,9 @@ class Generator:
         self.spec = ModelSpec.model_validate(spec)
         self.engine = build_engine(self.spec)
         self.size = (self.spec.native_size, self.spec.native_size)
-        self.stats = {"running": 0, "batches": 0, "oom_splits": 0, "failed_checks": 0, "cancelled": 0}
+        self.stats = {"running": 0, "batches": 0, "oom_splits": 0, "failed_checks": 0, "cancelled": 0,
+                      "health_probes": 0, "health_failures": 0}
+        self.health = HealthGate(threshold=self.spec.health_failures_to_replace)
         # @serve.batch's limits are per tier: applied from the spec, not hard-coded.
         self._batched.set_max_batch_size(self.spec.max_batch_size)
         self._batched.set_batch_wait_timeout_s(self.spec.batch_wait_timeout_s)
@@ -92,6 +95,7 @@ class Generator:
             return [_Failure(reason, f"{type(e).__name__}: {e}")] * len(items)
         flat_ok = getattr(self.engine, "flat_ok", None)
         flat = flat_ok(prompts) if flat_ok else [False] * len(raw)
+        self.health.ok()  # the model just rendered: as good as a passing probe
         return [self._check(o, f) for o, f in zip(raw, flat, strict=True)]
 
     def _check(self, output, flat_ok: bool = False):
@@ -101,9 +105,31 @@ class Generator:
             self.stats["failed_checks"] += 1
             return _Failure(e.reason, e.detail)
 
+    async def check_health(self) -> None:
+        """Serve's health check (every health_check_period_s): a real 1-step render of the model, bounded by
+        health_probe_timeout_s, skipped while a recent render succeeded. Raises (Serve replaces the replica)
+        only after `health_failures_to_replace` consecutive failures: one slow moment does not flap it."""
+        if self.health.fresh():
+            return
+        self.stats["health_probes"] += 1
+        try:
+            out = await asyncio.wait_for(asyncio.to_thread(self._probe), self.spec.health_probe_timeout_s)
+            check_image(out, self.size, allow_flat=True)
+            self.health.ok()
+        except ReplicaUnhealthy:
+            raise
+        except Exception as e:  # a wedged (timeout), broken or NaN-producing model
+            self.stats["health_failures"] += 1
+            self.health.failed(f"{type(e).__name__}: {e}")
+
+    def _probe(self):
+        probe = getattr(self.engine, "probe", None)
+        return probe() if probe else self.engine.generate(["health probe"], [0], 1, 1.0)[0]
+
     def info(self) -> dict:
         """What this tier serves: name, version, native size, defaults, counters, the (logical) GPUs it holds."""
         return {"model": self.engine.name, "model_version": self.engine.version, "kind": self.spec.kind,
                 "gpu_ids": [str(g) for g in ray.get_gpu_ids()], "device": getattr(self.engine, "device", "cpu"),
                 "native_size": self.spec.native_size, "steps": self.spec.steps, "guidance": self.spec.guidance,
-                "stats": dict(self.stats)}
+                "stats": dict(self.stats), "replica": serve.get_replica_context().replica_id.unique_id,
+                "health": {"consecutive_failures": self.health.failures, "last_error": self.health.last_error}}

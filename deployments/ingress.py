@@ -12,11 +12,20 @@ import time
 from fastapi import Request
 from fastapi.responses import JSONResponse
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RayServeException
 
 from engines.intent import extract_text
 from graph.cost import render_cost
-from graph.errors import CapacityError, DeadlineExceeded, GenerationFailed, InvalidRequest, NotSupported, PrismError
+from graph.errors import (
+    CapacityError,
+    DeadlineExceeded,
+    GenerationFailed,
+    InvalidRequest,
+    NotSupported,
+    PrismError,
+    StageFailed,
+)
 from graph.http import make_app, request_id_of
 from graph.images import b64_png
 from graph.load import TierLoad, retry_after_s, should_shed
@@ -44,6 +53,12 @@ GUIDANCE_CURABLE = ("nan", "blank")
 # Reasons that mean "no capacity now" rather than "the models produced garbage": a chain that failed only for
 # these answers 503 + Retry-After (come back later), otherwise 502.
 CAPACITY_REASONS = ("overloaded", "shed", "deadline", "oom")
+
+
+class _ReplicaDied(Exception):
+    def __init__(self, stage: str, error: str):
+        super().__init__(f"{stage}: {error}")
+        self.stage, self.error = stage, error
 
 
 class _AttemptTimeout(Exception):
@@ -264,6 +279,7 @@ class Ingress:
         tiers = [decision.tier, *decision.fallbacks]
         budget = decision.max_attempts or (len(tiers) * (2 if decision.retry_guidance_factor else 1))
         fallbacks: list[Fallback] = []
+        died: set[str] = set()
         i, guidance, lowered = 0, job.guidance, False
         while i < len(tiers) and len(fallbacks) < budget:
             tier, t = tiers[i], time.perf_counter()
@@ -273,6 +289,11 @@ class Ingress:
                 return result, tier, fallbacks
             fallbacks.append(Fallback(model=self.tier_specs[tier]["name"], tier=tier, reason=reason,
                                       elapsed_ms=_ms(t), guidance=guidance, detail=detail[:300]))
+            if reason == "replica_died" and tier not in died:
+                # Idempotent retry: the dead replica returned nothing, so the render runs once more on a
+                # live (or replacement) replica of the same tier; a second death moves down the chain.
+                died.add(tier)
+                continue
             if reason in GUIDANCE_CURABLE and decision.retry_guidance_factor and not lowered:
                 base = guidance if guidance is not None else self.tier_specs[tier]["guidance"]
                 guidance, lowered = round(base * decision.retry_guidance_factor, 3), True
@@ -296,6 +317,8 @@ class Ingress:
                                            attempt_deadline=attempt_deadline)
         except _AttemptTimeout:
             return "deadline", f"no answer within attempt_timeout_ms={decision.attempt_timeout_ms}", None
+        except _ReplicaDied as e:
+            return "replica_died", f"the {e.stage} replica died mid-render ({e.error})", None
         except CapacityError as e:
             return "overloaded", e.message, None
         except PrismError as e:
@@ -329,8 +352,14 @@ class Ingress:
         if should_shed(load, 1, deadline - time.perf_counter()):
             raise CapacityError(f"stage {stage} is overloaded: {load.inflight} in flight at ~{load.ewma_s:.2f}s each "
                                 f"cannot finish before the request's deadline", retry_after_s=retry_after_s(load, 1))
-        with load.track():
-            return await self._until(call(), deadline, stage)
+        for attempt in (1, 2):
+            try:
+                with load.track():
+                    return await self._until(call(), deadline, stage)
+            except _ReplicaDied as e:
+                if attempt == 2:
+                    raise StageFailed(stage, f"stage {stage} failed: its replica died twice ({e.error})") from None
+                log.warning("stage %s: replica died mid-call (%s); retrying once", stage, e.error)
 
     async def _until(self, response, deadline: float | None, stage: str, attempt_deadline: float | None = None):
         """Await a downstream call within the deadline; map Serve's overload and availability errors."""
@@ -349,5 +378,9 @@ class Ingress:
             raise CapacityError(f"stage {stage} is at capacity (its queue is full)", retry_after_s=1) from None
         except DeploymentUnavailableError:
             raise CapacityError(f"stage {stage} has no replica available", retry_after_s=5) from None
+        except RayActorError as e:
+            # The replica died while holding the call (Serve retries only calls not yet started, ray#47237):
+            # the caller decides whether to run it again. Named by stage, not by whoever noticed (ray#61758).
+            raise _ReplicaDied(stage, type(e).__name__) from None
         except RayServeException as e:
             raise PrismError(f"stage {stage} failed: {type(e).__name__}") from None

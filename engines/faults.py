@@ -3,11 +3,16 @@
 Faults (the seeds' incidents): `nan` (NaN pixels, like NaN attention at a denoise step), `oom` (out of memory,
 optionally only above a batch size so that splitting the batch recovers), `sleep` (past any deadline),
 `garbage` (bytes PIL cannot open), `blank` (all black), `wrong_size`, `raise` (an arbitrary exception),
-`nan_above_guidance` (NaN only when guidance exceeds a threshold: high-CFG artefacts).
+`nan_above_guidance` (NaN only when guidance exceeds a threshold: high-CFG artefacts), `die` (the replica
+process exits while holding a render, once per marker file), `unhealthy` (health probes fail while a marker
+file exists).
 Otherwise it draws the simulated model's cheap placeholder, so a recovered request still returns an image.
 """
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import numpy as np
 
@@ -38,6 +43,10 @@ class FaultInjectingEngine:
         self.calls += 1
         self.batch_sizes.append(len(prompts))
         fault, n, size = self.spec.fault, len(prompts), self.native_size
+        marker = Path(self.spec.fault_marker_path) if self.spec.fault_marker_path else None
+        if fault == "die" and marker is not None and not marker.exists():
+            marker.write_text(f"died in pid {os.getpid()}\n")
+            os._exit(1)  # the replica's process dies while holding the request: no reply, no cleanup
         if fault == "oom" and n > self.spec.fault_oom_above_batch:
             raise InjectedOutOfMemory(f"injected OOM at batch size {n}")
         if fault == "raise":
@@ -54,6 +63,14 @@ class FaultInjectingEngine:
                 a[size // 4: size // 2, :, :] = np.nan
             return out
         return [placeholder_image(p, s, size) for p, s in zip(prompts, seeds, strict=True)]
+
+
+    def probe(self):
+        """Health probe: fails while the `unhealthy` marker exists, otherwise a cheap image."""
+        marker = self.spec.fault_marker_path
+        if self.spec.fault == "unhealthy" and marker and os.path.exists(marker):
+            raise RuntimeError("injected health-probe failure")
+        return placeholder_image("probe", 0, self.native_size)
 
 
 class FaultInjectingMisreadOcr:

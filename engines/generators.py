@@ -64,9 +64,16 @@ class ModelSpec(BaseModel):
     latency_ms_p95: float | None = Field(default=None, gt=0)
     batch_efficiency: float = Field(default=0.6, ge=0, le=1,
                                      description="simulated: extra batch items cost this fraction of one.")
+    # health (Generator.check_health)
+    health_probe_timeout_s: float = Field(default=20.0, gt=0, le=300, description="A probe slower than this fails.")
+    health_failures_to_replace: int = Field(default=3, ge=1, le=20,
+                                            description="Consecutive failed probes before Serve replaces it.")
     # fault_injecting (tests and chaos drills only; see engines/faults.py)
     fault: Literal["none", "nan", "oom", "sleep", "garbage", "blank", "wrong_size", "raise",
-                   "nan_above_guidance"] = "none"
+                   "nan_above_guidance", "die", "unhealthy"] = "none"
+    fault_marker_path: str | None = Field(
+        default=None, description="die: the replica exits mid-render unless this file exists (it creates it first, "
+                                  "so the replacement serves); unhealthy: health probes fail while it exists.")
     fault_sleep_s: float = Field(default=30.0, ge=0)
     fault_oom_above_batch: int = Field(default=0, ge=0, description="OOM only when the batch is larger than this.")
     fault_guidance_threshold: float = Field(default=2.0, ge=0)

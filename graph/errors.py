@@ -69,6 +69,17 @@ class GenerationFailed(PrismError):
     code = "generation_failed"
 
 
+class StageFailed(PrismError):
+    """A post-generation stage failed (its replica died twice, or it raised): 502 naming the stage."""
+
+    status_code = 502
+    code = "stage_failed"
+
+    def __init__(self, stage: str, message: str, **kw):
+        super().__init__(message, details=[{"stage": stage}], **kw)
+        self.stage = stage
+
+
 class DeadlineExceeded(PrismError):
     status_code = 504
     code = "deadline_exceeded"

@@ -17,6 +17,9 @@ from graph.config import ROOT, load_serve_config
 PORT = int(os.environ.get("PRISM_TEST_PORT", "18000"))
 # The held fake appends a line here each time a batch starts running on its replica.
 HELD_LOG = os.path.join(tempfile.gettempdir(), f"prism-held-{os.getpid()}.log")
+# The dying fake exits unless this file exists (it writes it first); the sick fake fails probes while it exists.
+DIE_MARKER = os.path.join(tempfile.gettempdir(), f"prism-die-{os.getpid()}.marker")
+SICK_MARKER = os.path.join(tempfile.gettempdir(), f"prism-sick-{os.getpid()}.marker")
 APPS = ("prism", "faults")
 GPU_TIERS = ("ok", "nan", "garbage", "blank")
 
@@ -24,6 +27,11 @@ GPU_TIERS = ("ok", "nan", "garbage", "blank")
 def _fake(fault: str, **kw) -> dict:
     return {"kind": "fault_injecting", "name": f"fault-injecting-{fault}", "fault": fault, "native_size": 64,
             "steps": 2, "guidance": 3.0, "cost": {"usd_per_second": 0.001}, **kw}
+
+
+# Probed every second (2 consecutive failures replace it); drained for up to 30 s when a redeploy replaces it.
+CHAOS_OPTIONS = {"sick": {"health_check_period_s": 1, "health_check_timeout_s": 10},
+                 "slowish": {"graceful_shutdown_wait_loop_s": 1, "graceful_shutdown_timeout_s": 30}}
 
 
 def faults_app(base_app: dict) -> dict:
@@ -41,6 +49,9 @@ def faults_app(base_app: dict) -> dict:
         # Held busy for 20 s per call (released when the client goes away): backpressure and brownout.
         "held": _fake("sleep", fault_sleep_s=20.0, max_batch_size=1, fault_log_path=HELD_LOG),
         "held2": _fake("sleep", fault_sleep_s=20.0, max_batch_size=1),
+        "dies": _fake("die", fault_marker_path=DIE_MARKER),
+        "sick": _fake("unhealthy", fault_marker_path=SICK_MARKER, health_failures_to_replace=2),
+        "slowish": _fake("sleep", fault_sleep_s=4.0, max_batch_size=1),
     }
     routes = {name: {"tier": name, "fallbacks": ["ok"], "max_latency_ms": 20000} for name in tiers}
     routes.update({
@@ -50,6 +61,7 @@ def faults_app(base_app: dict) -> dict:
         "cfg": {"tier": "cfg", "fallbacks": ["ok"], "max_latency_ms": 20000, "retry_guidance_factor": 0.5},
         "budget": {"tier": "nan", "fallbacks": ["garbage", "ok"], "max_latency_ms": 20000, "max_attempts": 2},
         "bp": {"tier": "held", "fallbacks": [], "max_latency_ms": 30000},
+        "dies": {"tier": "dies", "fallbacks": ["ok"], "max_latency_ms": 60000},
         "brown": {"tier": "held2", "fallbacks": [], "max_latency_ms": 30000,
                   "brownout": {"max_inflight": 1, "route": "ok"}},
     })
@@ -62,8 +74,8 @@ def faults_app(base_app: dict) -> dict:
         {"name": "Ingress", **small, "user_config": {"routing": {"version": "faults-1", "default_route": "ok",
                                                                  "routes": routes, "rules": []}}},
         {"name": "IntentClassifier", **small}, {"name": "Upscaler", **small}, {"name": "Typography", **small},
-    ] + [{"name": f"Generator_{t}", **(gpu if t in GPU_TIERS else small), "max_ongoing_requests": 16}
-         for t in tiers if t != "held"] + [
+    ] + [{"name": f"Generator_{t}", **(gpu if t in GPU_TIERS else small), "max_ongoing_requests": 16,
+          **CHAOS_OPTIONS.get(t, {})} for t in tiers if t != "held"] + [
         # One running, one queued, the next rejected by Serve: the queue filled deterministically.
         {"name": "Generator_held", **small, "max_ongoing_requests": 1, "max_queued_requests": 1}]
     return {"name": "faults", "route_prefix": "/faults", "import_path": base_app["import_path"],

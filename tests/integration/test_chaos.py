@@ -1,0 +1,70 @@
+"""Replica death mid-request, health-check replacement, drain on redeploy (issue: chaos under load).
+
+All deterministic: a fault-injecting replica that exits while holding a request (once per marker file), a probe
+that fails while a marker file exists, and a redeploy that replaces replicas while renders are in flight.
+"""
+
+import concurrent.futures
+import os
+import time
+
+import httpx
+import pytest
+
+from tests.integration.conftest import DIE_MARKER, SICK_MARKER
+
+pytestmark = pytest.mark.integration
+
+
+def _tier_info(http, tier: str) -> dict:
+    return http.get("/faults/v1/tiers").json()[tier]
+
+
+def test_replica_death_mid_render_is_retried_once_on_a_live_replica(http):
+    if os.path.exists(DIE_MARKER):
+        os.remove(DIE_MARKER)
+    r = http.post("/faults/v1/images/generations", json={"prompt": "a red star", "model": "dies", "seed": 5},
+                  timeout=90)
+    assert r.status_code == 200, r.text
+    prism = r.json()["prism"]
+    # Served by the same tier after the retry, with the death on record; the render ran once (on the replacement).
+    assert prism["tier"] == "dies", prism
+    assert [f["reason"] for f in prism["fallbacks"]] == ["replica_died"], prism["fallbacks"]
+    assert "generate:dies" in prism["fallbacks"][0]["detail"]
+    assert os.path.exists(DIE_MARKER)  # the first replica really died holding the request
+    info = _tier_info(http, "dies")
+    assert info["stats"]["batches"] == 1, info  # one render: no duplicate on the replacement
+
+
+def test_failing_health_probes_replace_the_replica(http):
+    before = _tier_info(http, "sick")["replica"]
+    open(SICK_MARKER, "w").close()
+    try:
+        deadline, after = time.monotonic() + 60, before
+        while time.monotonic() < deadline and after == before:
+            time.sleep(1)
+            info = _tier_info(http, "sick")
+            after = info.get("replica", before)
+        assert after != before, "the unhealthy replica was not replaced within 60 s"
+    finally:
+        os.remove(SICK_MARKER)
+    r = http.post("/faults/v1/images/generations", json={"prompt": "x", "model": "sick"}, timeout=60)
+    assert r.status_code == 200 and r.json()["prism"]["tier"] == "sick"
+
+
+def test_redeploy_drains_in_flight_renders(deployer, base_url):
+    """Replicas replaced by a redeploy finish what they hold (graceful shutdown): nothing accepted is lost."""
+    def render(i: int) -> int:
+        with httpx.Client(base_url=base_url, timeout=120) as c:
+            return c.post("/faults/v1/images/generations", json={"prompt": f"p{i}", "model": "slowish"}).status_code
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(render, i) for i in range(4)]
+        time.sleep(1.0)  # the renders are running (each holds 4 s)
+        config = deployer.config_copy()
+        faults = next(a for a in config["applications"] if a["name"] == "faults")
+        dep = next(d for d in faults["deployments"] if d["name"] == "Generator_slowish")
+        dep["ray_actor_options"] = {"num_cpus": 0.03}  # a new replica version: the old one is drained and stopped
+        deployer.deploy(config)
+        codes = [f.result() for f in futures]
+    assert codes == [200] * 4, codes
