@@ -15,7 +15,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
 .PHONY: serve test install system-deps lint unit integration e2e check-config train-intent loadtest loadtest-1000 \
-	plan-gpu train-builtin frontier clean
+	plan-gpu train-builtin frontier chaos clean
 
 $(STAMP): requirements.txt pyproject.toml
 	$(MAKE) system-deps
@@ -74,6 +74,10 @@ plan-gpu: install
 # Retrain the intent head on data/intent/train.jsonl (seconds); commits engines/assets/intent_head.npz.
 train-intent: install
 	$(BIN)/python -m engines.intent train
+
+# Kills replicas, the Serve controller and the proxy under load (needs port 8000 free); figures in RESULTS.md.
+chaos: install
+	$(BIN)/python -m loadtests.chaos
 
 # Trains the built-in models (engines/builtin_models/) from seed 0; ~20 min each on 2 CPU cores.
 train-builtin: install
