@@ -131,7 +131,7 @@ def is_oom(e: BaseException) -> bool:
 class DiffusersEngine:
     """A diffusers text-to-image pipeline by hub id or local path."""
 
-    def __init__(self, spec: ModelSpec, pipe=None, version: str | None = None):
+    def __init__(self, spec: ModelSpec):
         import torch
 
         self.spec = spec
@@ -139,15 +139,14 @@ class DiffusersEngine:
         self.native_size = spec.native_size
         self.device = "cuda" if spec.device == "auto" and torch.cuda.is_available() else (
             "cpu" if spec.device == "auto" else spec.device)
-        if pipe is None:
-            pipe, version = self._load(spec)
+        pipe, version = self._load(spec)
         if spec.scheduler:
             import diffusers
 
             pipe.scheduler = getattr(diffusers, spec.scheduler).from_config(pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe.to(self.device)
-        self.version = version or "unknown"
+        self.version = version
 
     def _load(self, spec: ModelSpec):
         import torch
@@ -184,11 +183,8 @@ class DiffusersEngine:
 
 def _abort_on_nonfinite(pipe, step: int, timestep, kwargs: dict) -> dict:
     """Per-step latent check (cheap on latents): a NaN at step 12 stops the render at step 12."""
-    import torch
-
-    latents = kwargs.get("latents")
-    if latents is not None and not torch.isfinite(latents).all():
-        raise NonFiniteLatents(f"NaN/Inf in latents at denoising step {step}")
+    if kwargs.get("latents") is not None:
+        _abort_on_nonfinite_step(step, kwargs["latents"])
     return kwargs
 
 

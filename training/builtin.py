@@ -65,7 +65,6 @@ MODELS: dict[str, TierRecipe] = {
                          notes="2.9M-parameter UNet, attention at 8x8; in the same 20-minute budget it gets fewer "
                                "steps and measures worse than `small`, so no CPU tier serves it by default"),
 }
-TIERS = MODELS
 
 
 def _scene(args: tuple[int, int, int]):
@@ -322,8 +321,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
-    for name in args.tier or list(TIERS):
-        recipe = TierRecipe(**{**asdict(TIERS[name]), **dict(_override(kv) for kv in args.set)})
+    for name in args.tier or list(MODELS):
+        recipe = TierRecipe(**{**asdict(MODELS[name]), **dict(_override(kv) for kv in args.set)})
         pool = build_pool(args.pool, recipe.size, recipe.seed, args.emb_file)
         print(f"== {name}: {recipe}", flush=True)
         ema, cond, seconds, ips, sched = train(recipe, pool, args.device)
