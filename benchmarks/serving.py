@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/serving.py routed     # Prism's routing vs everything on the premium tier
     .venv/bin/python benchmarks/serving.py batching   # built-in tier at concurrency 16: @serve.batch vs batch 1
     .venv/bin/python benchmarks/serving.py burst      # accepted p95 under a 20x spike vs unloaded; 503 latency
+    .venv/bin/python benchmarks/serving.py records    # render records on vs off (two copies of the graph)
 
 Results are recorded in benchmarks/RESULTS.md. Medians and p95 over all requests of a run.
 """
@@ -210,5 +211,43 @@ def burst() -> None:
     print(f"  errors other than 503: {len(other)} {sorted(set(other))}")
 
 
+def records() -> None:
+    """The record write is on the request's path (committed before the response, so `url` works at once and a
+    retried request id finds it): measure what it costs against an identical app with records off."""
+    import tempfile
+
+    cfg = sim_config(zero_latency=True)
+    on = cfg["applications"][0]
+    on["args"]["records"] = {"dir": tempfile.mkdtemp(prefix="prism-bench-records-")}
+    off = copy.deepcopy(on)
+    off.update(name="norec", route_prefix="/norec")
+    off["args"]["records"] = {"enabled": False}
+    for app in (on, off):  # two graphs on 2 cores: light fractions, one replica each
+        for d in app["deployments"]:
+            d["ray_actor_options"] = {"num_cpus": 0.05}
+            d.pop("autoscaling_config", None)
+            d["num_replicas"] = 1
+    cfg["applications"].append(off)
+    start(cfg)
+    print("render records: full graph (zero-latency simulated generator, 256x256 PNG) with records on vs off, "
+          "the two arms interleaved in rounds")
+    for conc in (1, 16):
+        body = {"prompt": "flat minimal app icon of a rocket", "size": "256x256", "intent": "icon"}
+        lat = {"on": [], "off": []}
+        for path in ("/v1/images/generations", "/norec/v1/images/generations"):
+            asyncio.run(drive(path, [body] * 10, conc))  # warm-up
+        for _ in range(4):
+            for arm, path in (("on", "/v1/images/generations"), ("off", "/norec/v1/images/generations")):
+                got, out, _ = asyncio.run(drive(path, [body] * (20 if conc == 1 else 64), conc))
+                lat[arm] += got
+                if arm == "on":
+                    rec_ms = [o["prism"]["timings_ms"].get("record", 0.0) for o in out]
+        on_p50, off_p50 = statistics.median(lat["on"]), statistics.median(lat["off"])
+        print(f"  concurrency {conc:2d}: on p50 {on_p50:6.1f} ms p95 {pct(lat['on'], 95):6.1f} | off p50 "
+              f"{off_p50:6.1f} ms p95 {pct(lat['off'], 95):6.1f} | ratio p50 {on_p50 / off_p50:.2f}x | "
+              f"record write p50 {statistics.median(rec_ms):.1f} ms ({len(lat['on'])}+{len(lat['off'])} requests)")
+
+
 if __name__ == "__main__":
-    {"overhead": overhead, "routed": routed, "batching": batching, "burst": burst}[sys.argv[1]]()
+    {"overhead": overhead, "routed": routed, "batching": batching, "burst": burst,
+     "records": records}[sys.argv[1]]()

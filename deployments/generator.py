@@ -36,6 +36,8 @@ class Generator:
         self.stats = {"running": 0, "batches": 0, "oom_splits": 0, "failed_checks": 0, "cancelled": 0,
                       "health_probes": 0, "health_failures": 0}
         self.health = HealthGate(threshold=self.spec.health_failures_to_replace)
+        # The GPU share this replica holds (its ray_actor_options num_gpus): the cost of a GPU second.
+        self.gpu_fraction = float(ray.get_runtime_context().get_assigned_resources().get("GPU", 0.0))
         # @serve.batch's limits are per tier: applied from the spec, not hard-coded.
         self._batched.set_max_batch_size(self.spec.max_batch_size)
         self._batched.set_batch_wait_timeout_s(self.spec.batch_wait_timeout_s)
@@ -75,7 +77,7 @@ class Generator:
             images=[] if failure else outputs, model=self.engine.name, model_version=self.engine.version,
             steps=steps, guidance=guidance, compute_s=compute_s, failure=failure.reason if failure else None,
             detail=failure.detail if failure else "",
-            extra={"batch_size": batch, "note": getattr(self.engine, "note", None)})
+            extra={"batch_size": batch, "note": getattr(self.engine, "note", None), "gpu_fraction": self.gpu_fraction})
 
     async def _render_splitting(self, items: list[tuple], steps: int, guidance: float) -> list:
         """Render items in one call; on OOM split in halves and retry each part; check every output."""

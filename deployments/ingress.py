@@ -4,45 +4,61 @@
 
 
 import asyncio
+import base64
 import dataclasses
 import logging
 import random
 import time
 
-from fastapi import Request
-from fastapi.responses import JSONResponse
+from fastapi import Query, Request
+from fastapi.responses import JSONResponse, Response
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RayServeException
 
 from engines.intent import extract_text
-from graph.cost import render_cost
+from graph.canary import CanaryMonitor, split_key
+from graph.cost import SpendLedger, render_cost
 from graph.errors import (
     CapacityError,
+    Conflict,
     DeadlineExceeded,
     GenerationFailed,
     InvalidRequest,
+    NotFound,
     NotSupported,
     PrismError,
     StageFailed,
 )
 from graph.http import make_app, request_id_of
-from graph.images import b64_png
+from graph.images import png_bytes
 from graph.load import TierLoad, retry_after_s, should_shed
+from graph.metrics import PrismMetrics
 from graph.prefilter import PrefilterConfig, check_prompt
-from graph.routing import Features, PolicyConfig, apply_brownout, decide, load_policy, resolve_model
+from graph.records import RecordsSpec, open_store, summarize
+from graph.routing import (
+    Features,
+    PolicyConfig,
+    apply_brownout,
+    apply_budget,
+    apply_canary,
+    decide,
+    load_policy,
+    resolve_model,
+)
 from graph.schemas import (
     Fallback,
     GenerateJob,
     GenerationRequest,
     GenerationResponse,
-    ImageDatum,
     IntentResult,
     OcrInfo,
     PrismInfo,
+    ReplayRequest,
     RouteDecision,
     RouteResponse,
 )
+from graph.trace import CAPACITY_REASONS, Trace, request_hash
 
 log = logging.getLogger("ray.serve")
 app = make_app()
@@ -50,9 +66,9 @@ app = make_app()
 
 # Reasons a generator attempt fails that a lower guidance may cure (artefacts, not infrastructure).
 GUIDANCE_CURABLE = ("nan", "blank")
-# Reasons that mean "no capacity now" rather than "the models produced garbage": a chain that failed only for
-# these answers 503 + Retry-After (come back later), otherwise 502.
-CAPACITY_REASONS = ("overloaded", "shed", "deadline", "oom")
+# CAPACITY_REASONS (graph/trace.py) mean "no capacity now" rather than "the models produced garbage": a chain
+# that failed only for these answers 503 + Retry-After (come back later), otherwise 502.
+MAX_CANARY_EVENTS = 50
 
 
 class _ReplicaDied(Exception):
@@ -81,6 +97,7 @@ class Ingress:
         self.settings = settings
         self.prefilter = PrefilterConfig()
         self.tier_specs: dict[str, dict] = settings["tiers"]
+        self.model_of_tier = {t: spec["name"] for t, spec in self.tier_specs.items()}
         self.policy: PolicyConfig | None = None
         self.policy_loaded_at: float | None = None
         self.policy_rejected: dict | None = None
@@ -89,6 +106,13 @@ class Ingress:
         # CPU-bound stages after generation are shed the same way when they cannot finish in time.
         self.stage_load = {"post": TierLoad(), "typography": TierLoad()}
         self._versions: dict[str, str] = {}
+        self.records = RecordsSpec.model_validate(settings.get("records") or {})
+        self.store = open_store(self.records)
+        self.ledger = SpendLedger()
+        self._seed_ledger()
+        self.canaries: dict[str, CanaryMonitor] = {}
+        self.canary_events: list[dict] = []
+        self.metrics = PrismMetrics(routes=set(), tiers=set(generators), models=set(self.model_of_tier.values()))
         app.state.max_body_bytes = settings.get("max_body_bytes", app.state.max_body_bytes)
         app.state.behind_serve_proxy = True
 
@@ -105,7 +129,23 @@ class Ingress:
             return
         self.policy, self.prefilter = policy, prefilter
         self.policy_loaded_at, self.policy_rejected = time.time(), None
+        self.metrics.allowed["route"] = set(policy.routes) | {f"tier:{t}" for t in self.generators}
+        # A canary whose tier and weight did not change keeps its window (and a rollback stays in force);
+        # a new tier or weight starts afresh: that is how an operator re-enables a rolled-back canary.
+        kept = {}
+        for name, route in policy.routes.items():
+            old = self.canaries.get(name)
+            if route.canary is not None:
+                kept[name] = old if old is not None and old.same_canary(route.canary) else CanaryMonitor(route.canary)
+        self.canaries = kept
         log.info("routing policy version %s applied (%d rules)", policy.version, len(policy.rules))
+
+    def _seed_ledger(self) -> None:
+        """Budgets survive a restart: spend of the last 31 days comes back from the render records."""
+        if self.store is None:
+            return
+        for row in self.store.rows_since(time.time() - 31 * 86_400):
+            self.ledger.add(row.get("user_tier") or "free", row.get("cost_usd") or 0.0, now=row.get("created"))
 
     # ---- HTTP routes -------------------------------------------------------------------------------
 
@@ -140,6 +180,73 @@ class Ingress:
         return {tier: (info if isinstance(info, dict) else {"error": type(info).__name__})
                 for tier, info in zip(self.generators, infos, strict=True)}
 
+    @app.get("/v1/canary")
+    async def canary(self) -> dict:
+        """Every canary split: configured and effective weight, the window's outcomes, and rollback events."""
+        routes = {name: {"tier": m.canary.tier, "weight": m.canary.weight, "effective_weight": m.weight,
+                         "sticky": m.canary.sticky, "rollback": m.canary.rollback.model_dump() if m.canary.rollback
+                         else None, "window": m.window(), "rolled_back": m.rolled_back}
+                  for name, m in self.canaries.items()}
+        return {"routes": routes, "events": self.canary_events}
+
+    @app.get("/v1/stats")
+    async def stats(self, minutes: float = Query(15, gt=0, le=43_200, description="Window in minutes.")) -> dict:
+        """Per intent, route and model over the last N minutes: count, p50/p95, failure rate, fallbacks, cost."""
+        store = self._store()
+        since = time.time() - minutes * 60
+        rows = await asyncio.to_thread(store.rows_since, since)
+        return {"window_minutes": minutes, "since": since, "total": (summarize(rows, group_by=()) or [{}])[0],
+                **{f"by_{key}": summarize(rows, group_by=(key,)) for key in ("intent", "route", "model")},
+                "cost_by_user_tier": await asyncio.to_thread(store.cost_by_user_tier, since),
+                "spend_by_user_tier": self.ledger.totals()}
+
+    @app.get("/v1/renders")
+    async def list_renders(
+        self, intent: str | None = None, route: str | None = None, model: str | None = None,
+        tier: str | None = None, user_tier: str | None = None, failed: bool | None = None,
+        since: float | None = Query(None, ge=0, description="Unix seconds, inclusive."),
+        until: float | None = Query(None, ge=0, description="Unix seconds, exclusive."),
+        replay_of: str | None = None, limit: int = Query(50, ge=1, le=500),
+        cursor: str | None = Query(None, max_length=64, description="next_cursor of the previous page."),
+    ) -> dict:
+        """Render records, newest first, filtered and paged (pass `next_cursor` back as `cursor`)."""
+        try:
+            page, nxt = await asyncio.to_thread(
+                self._store().list, intent=intent, route=route, model=model, tier=tier, user_tier=user_tier,
+                failed=failed, since=since, until=until, replay_of=replay_of, limit=limit, cursor=cursor)
+        except ValueError as e:  # a cursor not made by this API
+            raise InvalidRequest(f"`cursor` must be a `next_cursor` from a previous page ({e})",
+                                 param="cursor") from None
+        return {"object": "list", "data": [self._public(r) for r in page], "next_cursor": nxt}
+
+    @app.get("/v1/renders/{rid}")
+    async def get_render(self, rid: str, request: Request) -> dict:
+        """One render record: request, intent, route, model + version, seed, fallbacks, OCR, timings, cost."""
+        rec = await self._record_of(rid)
+        replays, _ = await asyncio.to_thread(self._store().list, replay_of=rid, limit=100)
+        base = str(request.base_url).rstrip("/")
+        return {**self._public(rec), "replays": [r["id"] for r in replays],
+                "image_urls": [self._image_url(base, rid, i) for i in range(len(rec.get("image_hashes") or []))]}
+
+    @app.get("/v1/renders/{rid}/image.png")
+    async def get_render_image(self, rid: str, index: int = Query(0, ge=0, le=3)) -> Response:
+        """The recorded PNG (image `index` of an n>1 render)."""
+        png = await asyncio.to_thread(self._store().image, rid, index)
+        if png is None:
+            raise NotFound(f"render {rid!r} has no image {index} (never recorded, failed, or past retention)",
+                           param="index")
+        return Response(content=png, media_type="image/png", headers={"Cache-Control": "public, max-age=31536000, "
+                                                                                       "immutable"})
+
+    @app.post("/v1/renders/{rid}/replay", response_model=GenerationResponse)
+    async def replay(self, rid: str, body: ReplayRequest, request: Request) -> JSONResponse:
+        """Re-run a recorded render's prompt, seed and params on another model or route; the records link."""
+        rec = await self._record_of(rid)
+        req = self._replay_request(rec, body)
+        trace = Trace(rid=request_id_of(request), req=req, base_url=str(request.base_url).rstrip("/"),
+                      replay_of=rec["id"])
+        return await self._serve(trace)
+
     @app.post("/v1/route", response_model=RouteResponse)
     async def route(self, req: GenerationRequest, request: Request) -> RouteResponse:
         """Classify and route without generating."""
@@ -147,7 +254,7 @@ class Ingress:
         self._check_limits(req)
         check_prompt(req.prompt, self.prefilter)
         intent = await self._classify(req, timings)
-        decision, notes = self._decide(req, intent, timings)
+        decision, notes = self._decide(req, intent, timings, rid)
         model, version = await self._model_of(decision.tier)
         timings["total"] = _ms(t0)
         return RouteResponse(request_id=rid, intent=intent, decision=decision, model=model, model_version=version,
@@ -156,33 +263,52 @@ class Ingress:
     @app.post("/v1/images/generations", response_model=GenerationResponse)
     async def generations(self, req: GenerationRequest, request: Request) -> JSONResponse:
         """OpenAI-compatible image generation through the whole graph."""
-        self.inflight += 1
-        try:
-            body = await self._render(req, request_id_of(request))
-        finally:
-            self.inflight -= 1
-        return JSONResponse(body.model_dump())
+        return await self._serve(Trace(rid=request_id_of(request), req=req,
+                                       base_url=str(request.base_url).rstrip("/")))
 
     # ---- the request's path ------------------------------------------------------------------------
 
-    async def _render(self, req: GenerationRequest, rid: str) -> GenerationResponse:
-        t0, timings = time.perf_counter(), {}
+    async def _serve(self, trace: Trace) -> JSONResponse:
+        """Render (or answer a retried request id from its record), then record, count and respond."""
+        self.inflight += 1
+        try:
+            stored = await self._already_rendered(trace)
+            if stored is not None:
+                return stored
+            body = await self._render(trace)
+        except PrismError as e:
+            trace.error = e
+            await self._finish(trace)
+            raise
+        finally:
+            self.inflight -= 1
+        await self._finish(trace)
+        body.prism.recorded = trace.recorded
+        if "record" in trace.timings:
+            body.prism.timings_ms["record"] = trace.timings["record"]
+        return self._respond(body, trace)
+
+    async def _render(self, trace: Trace) -> GenerationResponse:
+        req, t0, timings = trace.req, trace.t0, trace.timings
         # 1. Validate what the schema cannot know: this profile's limits, unsupported options, prompt sanity.
         width, height = self._check_limits(req)
         check_prompt(req.prompt, self.prefilter)
         timings["validate"] = _ms(t0)
         # 2. Intent.
-        intent = await self._classify(req, timings)
-        # 3. Route; the route's latency budget becomes the request's deadline.
-        decision, notes = self._decide(req, intent, timings)
+        trace.intent = intent = await self._classify(req, timings)
+        # 3. Route (rules, brownout, budget, canary); the route's latency budget becomes the request's deadline.
+        decision, trace.notes = self._decide(req, intent, timings, trace.rid)
+        trace.decision = decision
         deadline = t0 + decision.max_latency_ms / 1000
-        seed = req.seed if req.seed is not None else random.randrange(2**31)
+        trace.seed = seed = req.seed if req.seed is not None else random.randrange(2**31)
         job = GenerateJob(prompt=req.prompt, seed=seed, n=req.n, steps=decision.steps, guidance=decision.guidance,
-                          request_id=rid)
+                          request_id=trace.rid)
         # 4. Generate, walking the fallback chain on failed checks, errors, OOM and stage deadlines.
         t = time.perf_counter()
-        result, tier, fallbacks = await self._generate_with_fallbacks(job, decision, deadline)
+        result, tier = await self._generate_with_fallbacks(job, decision, deadline, trace)
         timings["generate"] = _ms(t)
+        trace.tier, trace.model, trace.model_version = tier, result.model, result.model_version
+        trace.steps, trace.guidance = result.steps, result.guidance
         # 5. Post: denoise, upscale to the requested size, normalise colour. (Before typography, unlike
         #    DESIGN.md's list: text composited after upscaling keeps exact, sharp glyphs.)
         t = time.perf_counter()
@@ -190,36 +316,149 @@ class Ingress:
         timings["post"] = _ms(t)
         images = post["images"]
         # 6. Typography: exact text composited, then OCR-checked (when the request carries text).
-        ocr = None
         if intent.text_to_render:
             t = time.perf_counter()
-            images, ocr = await self._typeset(images, intent.text_to_render, req.prompt, deadline)
+            images, trace.ocr = await self._typeset(images, intent.text_to_render, req.prompt, deadline, trace)
             timings["typography"] = _ms(t)
-        # 8. Respond.
+        # 7. Encode (the record stores these PNG bytes; the response inlines or links them).
         t = time.perf_counter()
-        data = await asyncio.to_thread(lambda: [ImageDatum(b64_json=b64_png(im)) for im in images])
+        trace.pngs = await asyncio.to_thread(lambda: [png_bytes(im) for im in images])
         timings["encode"] = _ms(t)
         timings["total"] = _ms(t0)
-        cost = self.tier_specs[tier].get("cost", {})
         native = self.tier_specs[tier]["native_size"]
+        notes = trace.notes
         if result.extra.get("note"):
             notes.append(result.extra["note"])
         if post["backend"] != "none":
             notes.append(f"upscaled x{post['scale']} by {post['backend']} from {native}px")
         prism = PrismInfo(
-            request_id=rid, intent=intent, route=decision.route, rule=decision.rule, tier=tier, model=result.model,
-            model_version=result.model_version, seed=seed, steps=result.steps, guidance=result.guidance,
-            native_size=f"{native}x{native}", timings_ms=timings,
-            cost_usd=render_cost(cost.get("usd_per_image", 0.0), cost.get("usd_per_second", 0.0), req.n,
-                                 result.compute_s),
-            degraded=decision.degraded, fallbacks=fallbacks, ocr=ocr, notes=notes, ignored_fields=req.ignored_fields)
-        return GenerationResponse(created=int(time.time()), data=data, prism=prism)
+            request_id=trace.rid, intent=intent, route=decision.route, rule=decision.rule, tier=tier,
+            model=result.model, model_version=result.model_version, seed=seed, steps=result.steps,
+            guidance=result.guidance, native_size=f"{native}x{native}", timings_ms=timings, cost_usd=trace.cost_usd,
+            degraded=decision.degraded, fallbacks=trace.fallbacks, ocr=trace.ocr, notes=notes,
+            ignored_fields=req.ignored_fields, canary=decision.canary, replay_of=trace.replay_of)
+        trace.prism = prism.model_dump()
+        return GenerationResponse(created=int(trace.created), data=[], prism=prism)
 
-    async def _typeset(self, images: list, text: str, prompt: str, deadline: float) -> tuple[list, OcrInfo]:
+    def _respond(self, body: GenerationResponse, trace: Trace) -> JSONResponse:
+        """8. Respond: PNGs inline (b64_json) or as links to the committed record (url)."""
+        if trace.req.response_format == "url":
+            data = [{"url": self._image_url(trace.base_url, trace.rid, i)} for i in range(len(trace.pngs))]
+        else:
+            data = [{"b64_json": base64.b64encode(png).decode("ascii")} for png in trace.pngs]
+        out = body.model_dump(exclude={"data"})
+        return JSONResponse({"created": out["created"], "data": data, "prism": out["prism"]})
+
+    async def _finish(self, trace: Trace) -> None:
+        """After every render, success or failure: commit its record (before the response leaves, so a url
+        works at once and a retried request id finds it), count it, charge it, judge the canary."""
+        rec = trace.record(self.model_of_tier)
+        try:
+            await self._commit(trace, rec)
+        finally:
+            self.ledger.add(trace.req.user_tier, trace.cost_usd)
+            self.metrics.observe(rec)
+            self._judge_canary(trace)
+
+    async def _commit(self, trace: Trace, rec: dict) -> None:
+        if self.store is None:
+            return
+        t = time.perf_counter()
+        try:
+            await asyncio.to_thread(self.store.put, rec, trace.pngs)
+        except Exception as e:  # a full disk must not fail a render that succeeded (unless it asked for a url)
+            log.error("render record %s not written: %r", trace.rid, e)
+            trace.notes.append(f"render record not written ({type(e).__name__}); see the server log")
+            if trace.error is None and trace.req.response_format == "url":
+                trace.error = StageFailed("record", f"the render record could not be written ({type(e).__name__}), "
+                                                    "so there is no url to serve; retry with b64_json")
+                raise trace.error from None
+            return
+        trace.timings["record"] = _ms(t)
+        trace.recorded = True
+
+    def _judge_canary(self, trace: Trace) -> None:
+        """Count a canary render against its route's window; roll the canary back on a breach."""
+        d = trace.decision
+        if d is None or not d.canary or d.route not in self.canaries:
+            return
+        monitor = self.canaries[d.route]
+        monitor.record(trace.canary_failed(monitor.canary.tier), _ms(trace.t0))
+        reason = monitor.breach()
+        if reason is None:
+            return
+        event = monitor.roll_back(d.route, reason)
+        self.canary_events = [*self.canary_events, event][-MAX_CANARY_EVENTS:]
+        self.metrics.canary_rollbacks.inc(tags=self.metrics.tags(route=d.route))
+        log.error("canary %r on route %r rolled back to weight 0: %s", monitor.canary.tier, d.route, reason)
+
+    async def _already_rendered(self, trace: Trace) -> JSONResponse | None:
+        """A retried X-Request-ID (a client whose connection dropped) gets the committed render back instead
+        of a second render; the same id on a different request is a 409."""
+        if self.store is None or trace.replay_of is not None:
+            return None
+        rec = await asyncio.to_thread(self.store.get, trace.rid)
+        if rec is None or rec.get("failed") or not rec.get("prism"):
+            return None
+        if rec.get("request_hash") != request_hash(trace.req):
+            raise Conflict(f"X-Request-ID {trace.rid!r} was already used for a different request; send a new id",
+                           param="X-Request-ID")
+        pngs = await asyncio.to_thread(lambda: [self.store.image(trace.rid, i)
+                                                for i in range(len(rec.get("image_hashes") or []))])
+        if any(p is None for p in pngs):
+            return None  # its images are past retention: render again
+        trace.pngs = pngs
+        prism = PrismInfo.model_validate({**rec["prism"], "recorded": True})
+        prism.notes.append("answered from the render record: this X-Request-ID was already rendered")
+        return self._respond(GenerationResponse(created=int(rec["created"]), data=[], prism=prism), trace)
+
+    async def _record_of(self, rid: str) -> dict:
+        rec = await asyncio.to_thread(self._store().get, rid)
+        if rec is None:
+            raise NotFound(f"no render record {rid!r} (never recorded, or past retention)", param="id")
+        return rec
+
+    def _store(self):
+        if self.store is None:
+            raise NotSupported("render records are disabled in this deployment (app args records.enabled)",
+                               param="records")
+        return self.store
+
+    @staticmethod
+    def _public(rec: dict) -> dict:
+        return {k: v for k, v in rec.items() if k != "prism"}
+
+    @staticmethod
+    def _image_url(base: str, rid: str, index: int) -> str:
+        return f"{base}/v1/renders/{rid}/image.png?index={index}"
+
+    def _replay_request(self, rec: dict, body: ReplayRequest) -> GenerationRequest:
+        """The recorded request with its seed and intent pinned, sent to the named model or route."""
+        if body.route is not None:
+            if body.route not in self.policy.routes:
+                raise InvalidRequest(f"`route` must be one of {sorted(self.policy.routes)} but is {body.route!r}",
+                                     param="route")
+            target = body.route
+        else:
+            by_name = {name: tier for tier, name in self.model_of_tier.items()}
+            target = body.model if body.model in self.generators else by_name.get(body.model)
+            if target is None:
+                raise InvalidRequest(f"`model` must be a tier {sorted(self.generators)} or a model name "
+                                     f"{sorted(by_name)} but is {body.model!r}", param="model")
+        params = {**rec.get("request", {}), "prompt": rec["prompt"], "model": target}
+        params["seed"] = rec.get("seed") if rec.get("seed") is not None else params.get("seed")
+        if rec.get("intent"):
+            params["intent"] = rec["intent"]
+            text = rec.get("text_to_render")
+            params["text"] = text if text and len(text) <= 200 else params.get("text")
+        return GenerationRequest.model_validate(params)
+
+    async def _typeset(self, images: list, text: str, prompt: str, deadline: float,
+                       trace: Trace) -> tuple[list, OcrInfo]:
         out = await self._stage("typography", lambda: self.typography.render.remote(images, text, prompt), deadline)
         if out.get("error") == "text_does_not_fit":
             raise InvalidRequest(f"`text` does not fit the requested size: {out['detail']}", param="text")
-        ocr = OcrInfo.model_validate(out["ocr"])
+        trace.ocr = ocr = OcrInfo.model_validate(out["ocr"])
         if not out["passed"]:
             raise GenerationFailed(
                 f"the text could not be rendered readably: after {ocr.layouts_tried} layouts {ocr.backend} read "
@@ -232,9 +471,9 @@ class Ingress:
         if width > max_w or height > max_h:
             raise InvalidRequest(f"`size` must be at most {max_w}x{max_h} in this profile but is {req.size}",
                                  param="size")
-        if req.response_format == "url":
-            raise NotSupported("`response_format` 'url' is not yet supported (needs render records); use 'b64_json'",
-                               param="response_format")
+        if req.response_format == "url" and self.store is None:
+            raise NotSupported("`response_format` 'url' needs render records, which this deployment disables "
+                               "(app args records.enabled); use 'b64_json'", param="response_format")
         return width, height
 
     async def _classify(self, req: GenerationRequest, timings: dict) -> IntentResult:
@@ -250,7 +489,9 @@ class Ingress:
         timings["intent"] = _ms(t)
         return result
 
-    def _decide(self, req: GenerationRequest, intent: IntentResult, timings: dict) -> tuple[RouteDecision, list]:
+    def _decide(self, req: GenerationRequest, intent: IntentResult, timings: dict,
+                rid: str) -> tuple[RouteDecision, list]:
+        """Rules, then load (brownout), then the user tier's budget, then the route's canary split."""
         t = time.perf_counter()
         notes = []
         forced, note = resolve_model(self.policy, req.model, set(self.generators))
@@ -261,6 +502,15 @@ class Ingress:
                             inflight=self.inflight)
         decision = decide(self.policy, features, forced=forced)
         decision = apply_brownout(self.policy, decision, {t: ld.inflight for t, ld in self.load.items()})
+        budget = self.policy.budgets.get(req.user_tier)
+        if budget is not None:
+            decision, note = apply_budget(self.policy, decision, req.user_tier,
+                                          self.ledger.spent(req.user_tier, budget.window_s))
+            notes += [note] if note else []
+        monitor = self.canaries.get(decision.route)
+        if monitor is not None:
+            decision = apply_canary(self.policy, decision, monitor.weight,
+                                    split_key(monitor.canary, req.user, rid))
         timings["route"] = _ms(t)
         return decision, notes
 
@@ -270,7 +520,8 @@ class Ingress:
             self._versions[tier] = info["model_version"]
         return self.tier_specs[tier]["name"], self._versions[tier]
 
-    async def _generate_with_fallbacks(self, job: GenerateJob, decision: RouteDecision, deadline: float):
+    async def _generate_with_fallbacks(self, job: GenerateJob, decision: RouteDecision, deadline: float,
+                                       trace: Trace):
         """Try the route's tier, then each fallback, within the retry budget; every failure is reported.
 
         A failed check that lower guidance may cure (NaN, blank) first retries the same model with
@@ -278,15 +529,17 @@ class Ingress:
         """
         tiers = [decision.tier, *decision.fallbacks]
         budget = decision.max_attempts or (len(tiers) * (2 if decision.retry_guidance_factor else 1))
-        fallbacks: list[Fallback] = []
+        fallbacks: list[Fallback] = trace.fallbacks
         died: set[str] = set()
         i, guidance, lowered = 0, job.guidance, False
         while i < len(tiers) and len(fallbacks) < budget:
             tier, t = tiers[i], time.perf_counter()
             reason, detail, result = await self._attempt(tier, dataclasses.replace(job, guidance=guidance),
                                                          decision, deadline)
+            if result is not None:  # failed checks cost compute too: the render pays for every attempt
+                trace.cost_usd += self._cost(tier, job.n, result)
             if reason is None:
-                return result, tier, fallbacks
+                return result, tier
             fallbacks.append(Fallback(model=self.tier_specs[tier]["name"], tier=tier, reason=reason,
                                       elapsed_ms=_ms(t), guidance=guidance, detail=detail[:300]))
             if reason == "replica_died" and tier not in died:
@@ -329,9 +582,17 @@ class Ingress:
             log.warning("tier %s failed: %r", tier, e)
             return "error", type(e).__name__, None
         if result.failure:
-            return result.failure, result.detail, None
+            return result.failure, result.detail, result
         self._versions[tier] = result.model_version
         return None, "", result
+
+    def _cost(self, tier: str, n: int, result) -> float:
+        """This attempt's cost from the tier's price sheet (graph/cost.py)."""
+        cost = self.tier_specs[tier].get("cost") or {}
+        fraction = cost.get("gpu_fraction")
+        fraction = result.extra.get("gpu_fraction", 0.0) if fraction is None else fraction
+        return render_cost(cost.get("usd_per_image", 0.0), cost.get("usd_per_second", 0.0), n, result.compute_s,
+                           usd_per_gpu_hour=cost.get("usd_per_gpu_hour", 0.0), gpu_fraction=fraction)
 
     def _raise_chain_failed(self, decision: RouteDecision, fallbacks: list[Fallback]):
         reasons = "; ".join(f"{f.model}: {f.reason}" for f in fallbacks)

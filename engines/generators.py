@@ -31,8 +31,12 @@ SCHEDULERS = ("DPMSolverMultistepScheduler", "EulerDiscreteScheduler", "DDIMSche
 class CostSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    usd_per_image: float = Field(default=0.0, ge=0)
-    usd_per_second: float = Field(default=0.0, ge=0, description="Price of the replica's compute per second.")
+    usd_per_image: float = Field(default=0.0, ge=0, description="Fee per image (remote tiers' price list).")
+    usd_per_second: float = Field(default=0.0, ge=0, description="Flat price of the replica's compute per second.")
+    usd_per_gpu_hour: float = Field(default=0.0, ge=0, description="Self-hosted: the GPU's price per hour.")
+    gpu_fraction: float | None = Field(
+        default=None, ge=0, le=8, description="Self-hosted: GPUs the replica is charged for; default: what it holds "
+                                              "(its ray_actor_options num_gpus, read by the replica).")
 
 
 class ModelSpec(BaseModel):

@@ -13,6 +13,7 @@ from ray.serve import Application
 
 from engines.generators import ModelSpec
 from engines.post import PostSpec
+from graph.records import RecordsSpec
 from graph.schemas import SIZE_MAX, SIZE_MIN, SIZE_STEP, TypographySpec
 
 
@@ -30,6 +31,7 @@ class AppArgs(BaseModel):
     tiers: dict[str, ModelSpec] = Field(min_length=1)
     post: PostSpec = Field(default_factory=PostSpec)
     typography: TypographySpec = Field(default_factory=TypographySpec)
+    records: RecordsSpec = Field(default_factory=RecordsSpec, description="Render records: where and how long.")
 
     @model_validator(mode="after")
     def _tier_names(self) -> AppArgs:
@@ -59,6 +61,6 @@ def build_app(args: AppArgs) -> Application:
         for tier, spec in args.tiers.items()
     }
     settings = args.model_dump(
-        include={"profile", "max_width", "max_height", "max_body_bytes", "overload_status", "tiers"})
+        include={"profile", "max_width", "max_height", "max_body_bytes", "overload_status", "tiers", "records"})
     return Ingress.bind(IntentClassifier.bind(), generators, Upscaler.bind(args.post.model_dump()),
                         Typography.bind(args.typography.model_dump()), settings)

@@ -83,3 +83,30 @@ class StageFailed(PrismError):
 class DeadlineExceeded(PrismError):
     status_code = 504
     code = "deadline_exceeded"
+
+
+class NotFound(PrismError):
+    """A render record (or other named resource) that does not exist, or no longer does (retention)."""
+
+    status_code = 404
+    code = "not_found"
+    error_type = "invalid_request_error"
+
+
+class Conflict(PrismError):
+    """The request clashes with recorded state, e.g. an X-Request-ID already used for a different request."""
+
+    status_code = 409
+    code = "conflict"
+    error_type = "invalid_request_error"
+
+
+class BudgetExceeded(PrismError):
+    """A user tier spent its configured budget and the policy says reject (429 + Retry-After)."""
+
+    status_code = 429
+    code = "budget_exceeded"
+    error_type = "rate_limit_error"
+
+    def __init__(self, message: str, *, retry_after_s: int = 60, **kw):
+        super().__init__(message, headers={"Retry-After": str(max(1, int(retry_after_s)))}, **kw)

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from graph.canary import Canary, takes_canary
+from graph.errors import BudgetExceeded
 from graph.schemas import INTENTS, Intent, Quality, RouteDecision, UserTier
 
 
@@ -74,6 +77,19 @@ class Route(BaseModel):
         default=None, gt=0, lt=1, description="On a failed check, retry the same model once with guidance x this "
                                               "before switching model (typography: high CFG artefacts).")
     brownout: Brownout | None = None
+    canary: Canary | None = Field(default=None, description="Send a share of this route to another tier.")
+
+
+class Budget(BaseModel):
+    """A user tier's spend limit over a rolling window, and what happens past it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    usd: float = Field(gt=0, description="Spend allowed per window (sum of cost_usd of its renders).")
+    window_s: float = Field(default=86_400, ge=60, le=31 * 86_400, description="Rolling window (default a day).")
+    action: Literal["downgrade", "reject"] = Field(
+        default="downgrade", description="downgrade: serve through `route` (cheaper); reject: 429 + Retry-After.")
+    route: str | None = Field(default=None, description="The cheaper route for action downgrade.")
 
 
 class PolicyConfig(BaseModel):
@@ -87,9 +103,14 @@ class PolicyConfig(BaseModel):
     rules: list[Rule] = Field(default_factory=list)
     model_aliases: dict[str, str] = Field(
         default_factory=dict, description="OpenAI model names (e.g. dall-e-3) -> a Prism route or tier.")
+    budgets: dict[UserTier, Budget] = Field(default_factory=dict, description="Spend limits per user tier.")
 
     @model_validator(mode="after")
     def _references_resolve(self) -> PolicyConfig:
+        for tier, budget in self.budgets.items():
+            if budget.action == "downgrade" and budget.route not in self.routes:
+                raise ValueError(f"budget for {tier!r} downgrades to route {budget.route!r}, not one of "
+                                 f"{sorted(self.routes)}")
         if self.default_route not in self.routes:
             raise ValueError(f"`default_route` {self.default_route!r} is not one of routes {sorted(self.routes)}")
         for name, route in self.routes.items():
@@ -110,7 +131,7 @@ class PolicyConfig(BaseModel):
     def check_tiers(self, tiers: set[str]) -> None:
         """Raise ValueError when a route or alias names a tier the app does not deploy."""
         for name, route in self.routes.items():
-            for t in [route.tier, *route.fallbacks]:
+            for t in [route.tier, *route.fallbacks, *([route.canary.tier] if route.canary else [])]:
                 if t not in tiers:
                     raise ValueError(f"route {name!r} names tier {t!r}, not one of the deployed tiers {sorted(tiers)}")
         for alias, target in self.model_aliases.items():
@@ -205,6 +226,44 @@ def apply_brownout(policy: PolicyConfig, d: RouteDecision, tier_inflight: dict[s
     return out
 
 
+def apply_budget(policy: PolicyConfig, d: RouteDecision, user_tier: str, spent: float) -> tuple[RouteDecision, str]:
+    """Past its user tier's budget a request is downgraded to the budget's route (marked degraded) or refused
+    (BudgetExceeded, 429). Returns (decision, note for the response; "" when under budget).
+
+    Example: free tier, budget $1/day downgrade to fast, $1.20 spent: a premium decision becomes route fast.
+    """
+    budget = policy.budgets.get(user_tier)
+    if budget is None or spent < budget.usd:
+        return d, ""
+    over = (f"user tier {user_tier!r} spent ${spent:.4f} of its ${budget.usd:g} budget per "
+            f"{budget.window_s / 3600:g} h")
+    if budget.action == "reject":
+        raise BudgetExceeded(f"{over}; requests are refused until spend falls below the budget", param="user_tier",
+                             retry_after_s=60)
+    if d.route == budget.route:
+        return d, f"{over}; already on route {budget.route!r}"
+    out = _decision(policy, budget.route, rule=d.rule, reason=f"{d.reason}; over budget")
+    out.degraded = True
+    return out, f"{over}; served by the cheaper route {budget.route!r}"
+
+
+def apply_canary(policy: PolicyConfig, d: RouteDecision, weight: float, key: str) -> RouteDecision:
+    """Send this decision to its route's canary tier when the sticky key falls under `weight` (the effective
+    weight: the configured one, or 0 after a rollback). The stable tier becomes the first fallback.
+
+    Example: route standard {tier: standard, canary: {tier: standard_v2, weight: 10}, fallbacks: [fast]}: a
+    user in the lowest 10% of buckets gets tier standard_v2 with fallbacks [standard, fast].
+    """
+    route = policy.routes.get(d.route)
+    if route is None or route.canary is None or d.degraded or d.tier != route.tier:
+        return d
+    if not takes_canary(route.canary, weight, key, d.route):
+        return d
+    chain = [t for t in [route.tier, *d.fallbacks] if t != route.canary.tier]
+    return d.model_copy(update={"tier": route.canary.tier, "fallbacks": list(dict.fromkeys(chain)), "canary": True,
+                                "reason": f"{d.reason}; canary {route.canary.tier!r} at {weight:g}%"})
+
+
 def _decision(policy: PolicyConfig, route_name: str, *, rule: str, reason: str) -> RouteDecision:
     r = policy.routes[route_name]
     return RouteDecision(route=route_name, tier=r.tier, rule=rule, steps=r.steps, guidance=r.guidance,
@@ -225,5 +284,5 @@ def resolve_model(policy: PolicyConfig, model: str | None, tiers: set[str]) -> t
     return None, f"model {model!r} is not a Prism route, tier or alias; ignored (routes: {sorted(policy.routes)})"
 
 
-__all__ = ["INTENTS", "Features", "Match", "PolicyConfig", "Route", "Rule", "decide", "load_policy",
-           "resolve_model", "rule_matches"]
+__all__ = ["INTENTS", "Budget", "Features", "Match", "PolicyConfig", "Route", "Rule", "apply_budget", "apply_canary",
+           "decide", "load_policy", "resolve_model", "rule_matches"]

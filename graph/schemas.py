@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 INTENTS: tuple[str, ...] = ("typography", "icon", "background", "photoreal", "illustration", "hero")
 Intent = Literal["typography", "icon", "background", "photoreal", "illustration", "hero"]
@@ -90,6 +90,7 @@ class RouteDecision(BaseModel):
     max_attempts: int | None = None
     retry_guidance_factor: float | None = None
     degraded: bool = False
+    canary: bool = False
     reason: str = ""
 
 
@@ -147,10 +148,31 @@ class PrismInfo(BaseModel):
     ocr: OcrInfo | None = None
     notes: list[str] = Field(default_factory=list)
     ignored_fields: list[str] = Field(default_factory=list)
+    canary: bool = Field(default=False, description="The route's canary model served (or was tried for) this.")
+    replay_of: str | None = Field(default=None, description="The render this one replays on another model.")
+    recorded: bool = Field(default=False, description="The render record was committed before this response.")
+
+
+class ReplayRequest(BaseModel):
+    """POST /v1/renders/{id}/replay: the same prompt, seed and params on another model or route."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(default=None, max_length=128, description="A tier or model name to replay on.")
+    route: str | None = Field(default=None, max_length=128, description="A route name to replay through.")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ReplayRequest:
+        if (self.model is None) == (self.route is None):
+            raise ValueError("give exactly one of `model` (a tier or model name) or `route` (a route name)")
+        return self
 
 
 class ImageDatum(BaseModel):
-    b64_json: str
+    """One image: inline PNG (`response_format: b64_json`) or a link to the render record's copy (`url`)."""
+
+    b64_json: str | None = None
+    url: str | None = None
     revised_prompt: str | None = None
 
 

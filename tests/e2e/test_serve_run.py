@@ -33,7 +33,8 @@ def served(tmp_path_factory):
     serve_bin = Path(sys.executable).parent / "serve"
     with open(log, "wb") as out:
         proc = subprocess.Popen([str(serve_bin), "run", "serve_config.yaml"], cwd=ROOT, stdout=out,
-                                stderr=subprocess.STDOUT, env={**os.environ})
+                                stderr=subprocess.STDOUT,
+                                env={**os.environ, "PRISM_RECORDS_DIR": str(tmp_path_factory.mktemp("records"))})
     try:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline:

@@ -6,6 +6,7 @@ handed to the Serve controller), so the YAML's args, deployment options and rout
 
 import copy
 import os
+import shutil
 import tempfile
 import time
 
@@ -21,6 +22,11 @@ HELD_LOG = os.path.join(tempfile.gettempdir(), f"prism-held-{os.getpid()}.log")
 DIE_MARKER = os.path.join(tempfile.gettempdir(), f"prism-die-{os.getpid()}.marker")
 SICK_MARKER = os.path.join(tempfile.gettempdir(), f"prism-sick-{os.getpid()}.marker")
 APPS = ("prism", "faults")
+# Ray's per-node metrics agent serves ray.serve.metrics here (Prometheus text), as `ray start
+# --metrics-export-port` does on a cluster.
+METRICS_PORT = PORT + 999
+# Each app records its renders under its own folder of this session's temp dir.
+RECORDS_DIR = tempfile.mkdtemp(prefix="prism-records-")
 GPU_TIERS = ("ok", "nan", "garbage", "blank")
 
 
@@ -64,7 +70,14 @@ def faults_app(base_app: dict) -> dict:
         "dies": {"tier": "dies", "fallbacks": ["ok"], "max_latency_ms": 60000},
         "brown": {"tier": "held2", "fallbacks": [], "max_latency_ms": 30000,
                   "brownout": {"max_inflight": 1, "route": "ok"}},
+        # Half the traffic to a canary that always renders NaN: protected by falling back to `ok`, and rolled
+        # back automatically once 4 of its renders in the window failed past a 50% failure rate.
+        "canary": {"tier": "ok", "fallbacks": [], "max_latency_ms": 20000,
+                   "canary": {"tier": "nan", "weight": 50, "sticky": "request_id",
+                              "rollback": {"window_s": 600, "min_samples": 4, "max_failure_rate": 0.5}}},
     })
+    # Tiny budgets: the first render of a pro or enterprise user spends them.
+    budgets = {"pro": {"usd": 1e-9, "route": "ok"}, "enterprise": {"usd": 1e-9, "action": "reject"}}
     small = {"ray_actor_options": {"num_cpus": 0.02}}
     # Logical GPUs (ray.init(num_gpus=2) on this CPU machine): these replicas ask for a quarter GPU each.
     gpu = {"ray_actor_options": {"num_cpus": 0.02, "num_gpus": 0.25}}
@@ -72,7 +85,8 @@ def faults_app(base_app: dict) -> dict:
         tiers[t]["gpu_memory_gb"] = 10
     deployments = [
         {"name": "Ingress", **small, "user_config": {"routing": {"version": "faults-1", "default_route": "ok",
-                                                                 "routes": routes, "rules": []}}},
+                                                                 "routes": routes, "rules": [],
+                                                                 "budgets": budgets}}},
         {"name": "IntentClassifier", **small}, {"name": "Upscaler", **small}, {"name": "Typography", **small},
     ] + [{"name": f"Generator_{t}", **(gpu if t in GPU_TIERS else small), "max_ongoing_requests": 16,
           **CHAOS_OPTIONS.get(t, {})} for t in tiers if t != "held"] + [
@@ -80,6 +94,7 @@ def faults_app(base_app: dict) -> dict:
         {"name": "Generator_held", **small, "max_ongoing_requests": 1, "max_queued_requests": 1}]
     return {"name": "faults", "route_prefix": "/faults", "import_path": base_app["import_path"],
             "args": {"profile": "faults", "max_width": 256, "max_height": 256, "tiers": tiers,
+                     "records": {"dir": os.path.join(RECORDS_DIR, "faults")},
                      "post": {"backend": "realesrgan"}, "typography": {"ocr": "rapidocr", "max_cer": 1.0}},
             "deployments": deployments}
 
@@ -120,9 +135,11 @@ def deployer():
 
     config = load_serve_config(ROOT / "serve_config.yaml")
     config["http_options"]["port"] = PORT
+    config["applications"][0]["args"]["records"]["dir"] = os.path.join(RECORDS_DIR, "prism")
     config["applications"].append(faults_app(config["applications"][0]))
     # 2 logical CPUs for the real profile (as on this machine) + a little for the fault app's light fakes.
-    ray.init(num_cpus=3, num_gpus=2, include_dashboard=False, namespace="serve", log_to_driver=False)
+    ray.init(num_cpus=3, num_gpus=2, include_dashboard=False, namespace="serve", log_to_driver=False,
+             _metrics_export_port=METRICS_PORT)
     try:
         client = serve_api.serve_start(http_options=config["http_options"], proxy_location=config["proxy_location"])
         d = Deployer(client, config)
@@ -131,6 +148,7 @@ def deployer():
     finally:
         serve.shutdown()
         ray.shutdown()
+        shutil.rmtree(RECORDS_DIR, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -110,9 +110,12 @@ def test_malformed_json_is_422(http):
     assert r.status_code == 422 and "not valid JSON" in r.json()["error"]["message"]
 
 
-def test_url_format_is_400_until_records_exist(http):
-    r = http.post("/v1/images/generations", json={"prompt": "x", "response_format": "url"})
-    assert r.status_code == 400 and r.json()["error"]["param"] == "response_format"
+def test_url_format_links_the_recorded_png(http):
+    r = http.post("/v1/images/generations", json={"prompt": "a red star on a blue background", "size": "64x64",
+                                                  "response_format": "url"})
+    assert r.status_code == 200, r.text
+    png = http.get(r.json()["data"][0]["url"])
+    assert png.status_code == 200 and Image.open(io.BytesIO(png.content)).size == (64, 64)
 
 
 def test_oversized_body_is_413(http):
