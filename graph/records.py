@@ -90,6 +90,10 @@ class RecordsSpec(BaseModel):
     max_age_days: float | None = Field(default=30, gt=0)
     max_count: int | None = Field(default=100_000, ge=1)
     prune_every: int = Field(default=200, ge=1)
+    fsync: bool = Field(default=False, description=(
+        "fsync each image file and each commit (SQLite synchronous=FULL): records survive a power loss, not only "
+        "a replica's death. Off by default: a killed process loses nothing either way (the data is in the OS page "
+        "cache), and the fsyncs cost several ms per render under concurrency (benchmarks/RESULTS.md)."))
 
     def resolved_dir(self) -> Path:
         """The store directory: $PRISM_RECORDS_DIR if set, else `dir`; relative paths hang off the repo root.
@@ -165,7 +169,7 @@ class SqliteRenderStore(RenderStore):
         self._lock = threading.Lock()
         self._prune_lock = threading.Lock()
         self._puts = 0
-        self._conn = _connect(self.dir / "renders.db")
+        self._conn = _connect(self.dir / "renders.db", fsync=self.spec.fsync)
 
     # ---- writing -------------------------------------------------------------------------------------------
 
@@ -198,7 +202,7 @@ class SqliteRenderStore(RenderStore):
         h = digest or hashlib.sha256(data).hexdigest()
         path = self._image_path(h)
         if not path.exists():
-            _write_durably(path, data)
+            _write_durably(path, data, fsync=self.spec.fsync)
         return h
 
     def _image_path(self, h: str) -> Path:
@@ -256,6 +260,12 @@ class SqliteRenderStore(RenderStore):
         for r in out:
             r["failed"] = bool(r["failed"])
         return out
+
+    def rendered_twice(self) -> list[str]:
+        """Request ids with more than one successful record: renders done twice (an audit for retry paths)."""
+        with self._lock:
+            rows = self._conn.execute("SELECT id FROM renders WHERE failed = 0 GROUP BY id HAVING COUNT(*) > 1")
+            return [r[0] for r in rows.fetchall()]
 
     def cost_by_user_tier(self, since: float) -> dict[str, float]:
         """Spend per user tier; records without a user tier count under "unknown"."""
@@ -486,7 +496,7 @@ def _parse_cursor(cursor: str) -> tuple[float, int]:
         raise ValueError(f"invalid cursor {cursor!r}") from None
 
 
-def _connect(path: Path) -> sqlite3.Connection:
+def _connect(path: Path, fsync: bool = False) -> sqlite3.Connection:
     """Autocommit connection (we issue BEGIN ourselves) in WAL mode, waiting up to 5 s for other writers.
 
     synchronous=NORMAL in WAL keeps the database consistent through crashes; at most the last commits before
@@ -495,7 +505,7 @@ def _connect(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000)
     conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
     conn.execute("PRAGMA journal_mode = WAL")
-    conn.execute("PRAGMA synchronous = NORMAL")
+    conn.execute(f"PRAGMA synchronous = {'FULL' if fsync else 'NORMAL'}")
     try:  # one transaction, so two processes creating the schema at once cannot interleave
         conn.executescript(f"BEGIN IMMEDIATE;{_SCHEMA}COMMIT;")
     except BaseException:
@@ -506,21 +516,23 @@ def _connect(path: Path) -> sqlite3.Connection:
     return conn
 
 
-def _write_durably(path: Path, data: bytes) -> None:
-    """Temp name in the same folder, fsync, atomic rename, fsync the folder: the final name never holds a
-    partial file, and once put commits a row the file it names is already on disk."""
+def _write_durably(path: Path, data: bytes, fsync: bool = True) -> None:
+    """Temp name in the same folder, (fsync,) atomic rename, (fsync the folder): the final name never holds a
+    partial file, and once put commits a row the file it names is already written (on disk, with fsync)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.stem}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     try:
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
-            os.fsync(f.fileno())
+            if fsync:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    if fsync:
+        _fsync_dir(path.parent)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -579,3 +579,20 @@ def test_sigkill_during_put_loop_never_leaves_a_broken_record(root):
     referenced = {h for r in records for h in r["image_hashes"]}
     on_disk = {p.name for p in (root / "images").rglob("*") if p.is_file()}
     assert on_disk == {f"{h}.png" for h in referenced}  # no orphans or temp files survive the sweep
+
+
+def test_fsync_mode_round_trips(tmp_path):
+    spec = RecordsSpec(dir=str(tmp_path / "durable"), fsync=True)
+    with SqliteRenderStore(spec) as durable:
+        durable.put({"id": "d1", "created": T0}, [b"\x89PNG durable"])
+        assert durable.image("d1", 0) == b"\x89PNG durable"
+        assert durable._conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+
+
+def test_rendered_twice_lists_ids_with_two_successes(store):
+    store.put({"id": "once", "created": T0, "failed": False}, [])
+    store.put({"id": "twice", "created": T0, "failed": False}, [])
+    store.put({"id": "twice", "created": T0 + 1, "failed": False}, [])
+    store.put({"id": "retried", "created": T0, "failed": True}, [])
+    store.put({"id": "retried", "created": T0 + 1, "failed": False}, [])
+    assert store.rendered_twice() == ["twice"]
