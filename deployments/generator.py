@@ -20,10 +20,19 @@ from graph.schemas import GenerateJob, GenerateResult
 
 
 class _Failure:
-    __slots__ = ("reason", "detail")
+    __slots__ = ("reason", "detail", "retry_after_s")
 
-    def __init__(self, reason: str, detail: str):
-        self.reason, self.detail = reason, detail
+    def __init__(self, reason: str, detail: str, retry_after_s: float | None = None):
+        self.reason, self.detail, self.retry_after_s = reason, detail, retry_after_s
+
+    @classmethod
+    def of(cls, e: BaseException, reason: str) -> "_Failure":
+        """An exception as a failure. Its own `reason` wins when it is a reason code (engines/remote.py's errors;
+        not e.g. UnicodeDecodeError's prose), and a hosted API's 429 brings the wait it asked for."""
+        own = getattr(e, "reason", None)
+        if isinstance(own, str) and own.isidentifier() and own.islower():
+            reason = own
+        return cls(reason, f"{type(e).__name__}: {e}", getattr(e, "retry_after_s", None))
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=8)
@@ -38,14 +47,21 @@ class Generator:
         self.health = HealthGate(threshold=self.spec.health_failures_to_replace)
         # The GPU share this replica holds (its ray_actor_options num_gpus): the cost of a GPU second.
         self.gpu_fraction = float(ray.get_runtime_context().get_assigned_resources().get("GPU", 0.0))
+        self.remote = hasattr(self.engine, "agenerate")
         # @serve.batch's limits are per tier: applied from the spec, not hard-coded.
         self._batched.set_max_batch_size(self.spec.max_batch_size)
         self._batched.set_batch_wait_timeout_s(self.spec.batch_wait_timeout_s)
 
     async def generate(self, job: GenerateJob) -> GenerateResult:
-        """Render one job (batched with concurrent ones); failures come back in `failure`, never raised."""
+        """Render one job (batched with concurrent ones); failures come back in `failure`, never raised.
+
+        Hosted APIs skip @serve.batch: it runs one batch at a time per replica, and a hosted call only waits on the
+        network, so jobs run concurrently (a job's n images still share one provider call where it allows).
+        """
         self.stats["running"] += 1
         try:
+            if self.remote:
+                return (await self._run_jobs([job]))[0]
             return await self._batched(job)
         except asyncio.CancelledError:
             self.stats["cancelled"] += 1  # the client went away; Serve cancelled this request
@@ -55,6 +71,9 @@ class Generator:
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.01)
     async def _batched(self, jobs: list[GenerateJob]) -> list[GenerateResult]:
+        return await self._run_jobs(jobs)
+
+    async def _run_jobs(self, jobs: list[GenerateJob]) -> list[GenerateResult]:
         self.stats["batches"] += 1
         groups: dict[tuple[int, float], list[int]] = {}
         for i, job in enumerate(jobs):
@@ -73,11 +92,14 @@ class Generator:
 
     def _result(self, outputs: list, steps: int, guidance: float, compute_s: float, batch: int) -> GenerateResult:
         failure = next((o for o in outputs if isinstance(o, _Failure)), None)
+        extra = {"batch_size": batch, "note": getattr(self.engine, "note", None), "gpu_fraction": self.gpu_fraction}
+        if failure and failure.retry_after_s is not None:
+            extra["retry_after_s"] = failure.retry_after_s
         return GenerateResult(
             images=[] if failure else outputs, model=self.engine.name, model_version=self.engine.version,
             steps=steps, guidance=guidance, compute_s=compute_s, failure=failure.reason if failure else None,
             detail=failure.detail if failure else "",
-            extra={"batch_size": batch, "note": getattr(self.engine, "note", None), "gpu_fraction": self.gpu_fraction})
+            extra=extra)
 
     async def _render_splitting(self, items: list[tuple], steps: int, guidance: float) -> list:
         """Render items in one call; on OOM split in halves and retry each part; check every output."""
@@ -86,7 +108,10 @@ class Generator:
             delay = self.engine.delay_s(len(prompts))
             if delay:
                 await asyncio.sleep(delay)
-            raw = await asyncio.to_thread(self.engine.generate, prompts, seeds, steps, guidance)
+            if hasattr(self.engine, "agenerate"):  # hosted APIs: awaited on the replica's loop, no thread held
+                raw = await self.engine.agenerate(prompts, seeds, steps, guidance)
+            else:
+                raw = await asyncio.to_thread(self.engine.generate, prompts, seeds, steps, guidance)
         except Exception as e:
             if is_oom(e) and len(items) > 1:
                 self.stats["oom_splits"] += 1
@@ -94,13 +119,15 @@ class Generator:
                 return (await self._render_splitting(items[:half], steps, guidance)
                         + await self._render_splitting(items[half:], steps, guidance))
             reason = "oom" if is_oom(e) else ("nan" if isinstance(e, FloatingPointError) else "error")
-            return [_Failure(reason, f"{type(e).__name__}: {e}")] * len(items)
+            return [_Failure.of(e, reason)] * len(items)  # the exception's own `reason` wins when it has one
         flat_ok = getattr(self.engine, "flat_ok", None)
         flat = flat_ok(prompts) if flat_ok else [False] * len(raw)
         self.health.ok()  # the model just rendered: as good as a passing probe
         return [self._check(o, f) for o, f in zip(raw, flat, strict=True)]
 
     def _check(self, output, flat_ok: bool = False):
+        if isinstance(output, Exception):  # a hosted call that failed for this prompt only (engines/remote.py)
+            return _Failure.of(output, "error")
         try:
             return check_image(output, self.size, allow_flat=flat_ok)
         except OutputCheckFailed as e:

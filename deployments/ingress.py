@@ -7,6 +7,7 @@ import asyncio
 import base64
 import dataclasses
 import logging
+import math
 import random
 import time
 
@@ -106,11 +107,15 @@ class Ingress:
         # CPU-bound stages after generation are shed the same way when they cannot finish in time.
         self.stage_load = {"post": TierLoad(), "typography": TierLoad()}
         self._versions: dict[str, str] = {}
+        # A hosted tier that answered 429: when it said to come back (Retry-After of a chain failing on it).
+        self.rate_limited_until: dict[str, float] = {}
         self.records = RecordsSpec.model_validate(settings.get("records") or {})
         self.store = open_store(self.records)
         self.ledger = SpendLedger()
         self._seed_ledger()
         self.canaries: dict[str, CanaryMonitor] = {}
+        # Request ids being rendered on this replica: a retry of one waits for it instead of rendering again.
+        self._pending: dict[str, asyncio.Future] = {}
         self.canary_events: list[dict] = []
         self.metrics = PrismMetrics(routes=set(), tiers=set(generators), models=set(self.model_of_tier.values()))
         app.state.max_body_bytes = settings.get("max_body_bytes", app.state.max_body_bytes)
@@ -271,18 +276,21 @@ class Ingress:
     async def _serve(self, trace: Trace) -> JSONResponse:
         """Render (or answer a retried request id from its record), then record, count and respond."""
         self.inflight += 1
+        mine = None
         try:
-            stored = await self._already_rendered(trace)
+            stored, mine = await self._claim(trace)
             if stored is not None:
                 return stored
-            body = await self._render(trace)
-        except PrismError as e:
-            trace.error = e
+            try:
+                body = await self._render(trace)
+            except PrismError as e:
+                trace.error = e
+                await self._finish(trace)
+                raise
             await self._finish(trace)
-            raise
         finally:
             self.inflight -= 1
-        await self._finish(trace)
+            self._release(trace.rid, mine)
         body.prism.recorded = trace.recorded
         if "record" in trace.timings:
             body.prism.timings_ms["record"] = trace.timings["record"]
@@ -391,6 +399,30 @@ class Ingress:
         self.canary_events = [*self.canary_events, event][-MAX_CANARY_EVENTS:]
         self.metrics.canary_rollbacks.inc(tags=self.metrics.tags(route=d.route))
         log.error("canary %r on route %r rolled back to weight 0: %s", monitor.canary.tier, d.route, reason)
+
+    async def _claim(self, trace: Trace) -> tuple[JSONResponse | None, asyncio.Future | None]:
+        """(the recorded answer, None) for a request id already rendered, else (None, a claim on the id).
+
+        A retry (same X-Request-ID) of a render still running on this replica waits for it, then is answered
+        from its record: one render, two answers. No await between the check and the claim, so two arrivals
+        of one id cannot both claim it.
+        """
+        while True:
+            while (pending := self._pending.get(trace.rid)) is not None:
+                await asyncio.shield(pending)
+            stored = await self._already_rendered(trace)
+            if stored is not None:
+                return stored, None
+            if trace.rid not in self._pending:
+                claim = asyncio.get_running_loop().create_future()
+                self._pending[trace.rid] = claim
+                return None, claim
+
+    def _release(self, rid: str, claim: asyncio.Future | None) -> None:
+        """Wake the retries waiting on this id: its record is committed by now (or the render failed)."""
+        if claim is not None and self._pending.get(rid) is claim:
+            del self._pending[rid]
+            claim.set_result(None)
 
     async def _already_rendered(self, trace: Trace) -> JSONResponse | None:
         """A retried X-Request-ID (a client whose connection dropped) gets the committed render back instead
@@ -537,7 +569,9 @@ class Ingress:
             reason, detail, result = await self._attempt(tier, dataclasses.replace(job, guidance=guidance),
                                                          decision, deadline)
             if result is not None:  # failed checks cost compute too: the render pays for every attempt
-                trace.cost_usd += self._cost(tier, job.n, result)
+                trace.cost_usd += self._cost(tier, result)
+                if result.extra.get("retry_after_s") is not None:  # a hosted API's 429: when to come back
+                    self.rate_limited_until[tier] = time.monotonic() + float(result.extra["retry_after_s"])
             if reason is None:
                 return result, tier
             fallbacks.append(Fallback(model=self.tier_specs[tier]["name"], tier=tier, reason=reason,
@@ -586,9 +620,11 @@ class Ingress:
         self._versions[tier] = result.model_version
         return None, "", result
 
-    def _cost(self, tier: str, n: int, result) -> float:
-        """This attempt's cost from the tier's price sheet (graph/cost.py)."""
+    def _cost(self, tier: str, result) -> float:
+        """This attempt's cost from the tier's price sheet (graph/cost.py). A per-image fee is charged only for
+        images that came back (a hosted API bills no refused or failed call); compute is charged either way."""
         cost = self.tier_specs[tier].get("cost") or {}
+        n = len(result.images) if not result.failure else 0
         fraction = cost.get("gpu_fraction")
         fraction = result.extra.get("gpu_fraction", 0.0) if fraction is None else fraction
         return render_cost(cost.get("usd_per_image", 0.0), cost.get("usd_per_second", 0.0), n, result.compute_s,
@@ -599,7 +635,8 @@ class Ingress:
         details = [f.model_dump() for f in fallbacks]
         if fallbacks and all(f.reason in CAPACITY_REASONS for f in fallbacks):
             # Retry-After from the queue state: when the soonest of the tiers tried has drained what it holds.
-            retry = min(retry_after_s(self.load[f.tier], self.tier_specs[f.tier].get("max_batch_size", 1))
+            retry = min(max(retry_after_s(self.load[f.tier], self.tier_specs[f.tier].get("max_batch_size", 1)),
+                            math.ceil(self.rate_limited_until.get(f.tier, 0) - time.monotonic()))
                         for f in fallbacks)
             err = CapacityError(f"every model on route {decision.route!r} is at capacity ({reasons})",
                                 retry_after_s=retry, details=details)

@@ -1,4 +1,4 @@
-"""Generator engines behind one interface: `builtin`, `diffusers`, `simulated`.
+"""Generator engines behind one interface: `builtin`, `diffusers`, `simulated`, and hosted APIs.
 
 - builtin: Prism's own small text-conditioned pixel diffusion models, trained in this repo on a procedural
   shapes-and-backgrounds dataset and shipped in engines/builtin_models/ (engines/builtin.py), so a fresh
@@ -7,6 +7,8 @@
   local-only by default (`local_files_only: true`): no node may download at request time.
 - simulated: the latency (and stated GPU memory) of a real model, with a cheap placeholder image; for load
   tests and capacity planning at scales no CPU can compute.
+- openai, ideogram, google: hosted image APIs (engines/remote.py): an HTTP call per render, paid per image, keys
+  read from an environment variable named in the spec.
 """
 
 from __future__ import annotations
@@ -24,6 +26,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 BUILTIN_DIR = Path(__file__).parent / "builtin_models"
 BUILTIN_NOTE = ("built-in demo model: a small diffusion model trained in the Prism repo on coloured shapes and "
                 "backgrounds; prompts outside that domain get the nearest colours and shapes it knows")
+REMOTE_KINDS = ("openai", "ideogram", "google")
+# Spec fields that only hosted kinds read: set on another kind they would silently do nothing, so they are refused.
+REMOTE_FIELDS = ("provider_model", "base_url", "api_key_env", "quality", "style", "rendering_speed", "magic_prompt",
+                 "negative_prompt", "person_generation", "send_seed")
 SCHEDULERS = ("DPMSolverMultistepScheduler", "EulerDiscreteScheduler", "DDIMScheduler",
               "EulerAncestralDiscreteScheduler", "FlowMatchEulerDiscreteScheduler")
 
@@ -44,7 +50,7 @@ class ModelSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    kind: Literal["builtin", "diffusers", "simulated", "fault_injecting"]
+    kind: Literal["builtin", "diffusers", "simulated", "fault_injecting", "openai", "ideogram", "google"]
     name: str = Field(min_length=1, description="Model name reported in responses and records.")
     native_size: int = Field(default=128, ge=32, le=2048, description="Square render size before upscaling.")
     steps: int = Field(default=8, ge=1, le=200)
@@ -68,6 +74,28 @@ class ModelSpec(BaseModel):
     latency_ms_p95: float | None = Field(default=None, gt=0)
     batch_efficiency: float = Field(default=0.6, ge=0, le=1,
                                      description="simulated: extra batch items cost this fraction of one.")
+    # remote: openai, ideogram, google (engines/remote.py checks each value against what the provider documents)
+    provider_model: str | None = Field(
+        default=None, description="remote: the provider's model, e.g. dall-e-3, V_3, imagen-4.0-fast-generate-001, "
+                                  "gemini-2.5-flash-image.")
+    base_url: str | None = Field(default=None, description="remote: API root; default the provider's own. openai: any "
+                                                           "OpenAI-compatible server (another Prism included).")
+    api_key_env: str | None = Field(default=None, description="remote: NAME of the environment variable holding the "
+                                                              "key (read when the replica starts; never the key).")
+    timeout_s: float = Field(default=60.0, gt=0, le=600, description="remote: one provider call, download included.")
+    max_retries: int = Field(default=2, ge=0, le=10, description="remote: retries on 5xx and connection errors.")
+    retry_backoff_s: float = Field(default=0.5, ge=0, le=30,
+                                   description="remote: first retry's wait; doubles per retry, with jitter.")
+    quality: str | None = Field(default=None,
+                                description="openai: dall-e-3 standard|hd; gpt-image low|medium|high|auto.")
+    style: str | None = Field(default=None, description="openai dall-e-3: vivid|natural; ideogram: style_type "
+                                                        "AUTO|GENERAL|REALISTIC|DESIGN|FICTION.")
+    rendering_speed: str | None = Field(default=None, description="ideogram: TURBO|DEFAULT|QUALITY.")
+    magic_prompt: str | None = Field(default=None, description="ideogram: AUTO|ON|OFF (prompt rewriting).")
+    negative_prompt: str | None = Field(default=None, max_length=2000, description="ideogram: what to leave out.")
+    person_generation: str | None = Field(default=None, description="google imagen: dont_allow|allow_adult|allow_all.")
+    send_seed: bool | None = Field(default=None, description="remote: send Prism's seed; default where the provider "
+                                                             "documents one (ideogram, gemini; not openai, imagen).")
     # health (Generator.check_health)
     health_probe_timeout_s: float = Field(default=20.0, gt=0, le=300, description="A probe slower than this fails.")
     health_failures_to_replace: int = Field(default=3, ge=1, le=20,
@@ -102,6 +130,19 @@ class ModelSpec(BaseModel):
                              f"({self.latency_ms_p50})")
         if self.scheduler is not None and self.scheduler not in SCHEDULERS:
             raise ValueError(f"`scheduler` must be one of {SCHEDULERS} but is {self.scheduler!r}")
+        return self
+
+    @model_validator(mode="after")
+    def _remote_fields(self) -> ModelSpec:
+        """Hosted kinds: values the provider documents (engines/remote.py); other kinds: no hosted-only fields."""
+        if self.kind in REMOTE_KINDS:
+            from engines.remote import check_remote_spec
+
+            check_remote_spec(self)
+            return self
+        stray = [f for f in REMOTE_FIELDS if getattr(self, f) is not None]
+        if stray:
+            raise ValueError(f"{stray} only apply to the hosted kinds {REMOTE_KINDS}, not kind {self.kind!r}")
         return self
 
 
@@ -290,5 +331,9 @@ def build_engine(spec: ModelSpec) -> Engine:
         return FaultInjectingEngine(spec)
     if spec.kind == "builtin":
         return BuiltinEngine(spec)
+    if spec.kind in REMOTE_KINDS:
+        from engines.remote import build_remote_engine
+
+        return build_remote_engine(spec)
     return DiffusersEngine(spec)
 

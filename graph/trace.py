@@ -12,7 +12,7 @@ from graph.errors import PrismError
 from graph.schemas import Fallback, GenerationRequest, IntentResult, OcrInfo, RouteDecision
 
 # Failure reasons that say "no capacity now", not "this model is bad": not held against a canary.
-CAPACITY_REASONS = ("overloaded", "shed", "deadline", "oom")
+CAPACITY_REASONS = ("overloaded", "shed", "deadline", "oom", "rate_limited", "replica_died")
 
 
 def request_hash(req: GenerationRequest) -> str:

@@ -7,9 +7,13 @@ Starts one Ray instance and deploys serve_config.yaml into it exactly as `serve 
 reach the actors), drives mixed traffic from worker threads with a request id each, and during the chaos phase
 `ray.kill`s, at random intervals and in rotation: a generator replica, the upscaler, the intent classifier, the
 Serve controller and the HTTP proxy. Prints: requests sent, accepted (an HTTP answer other than a 503/429
-rejection), completed with 200, failed by status and stage, lost (accepted, no final answer: connection reset or
-client timeout), duplicate answers per request id, p95 of 200s before vs during chaos, and the time from the last
-kill until every deployment is healthy again. Writes benchmarks/chaos.json.
+rejection), completed with 200, failed by status and stage, lost (accepted, no final answer after the client's
+retries), duplicate renders (request ids with more than one successful render record), p95 of 200s before vs
+during chaos, and the time from the last kill until every deployment is healthy again. Writes benchmarks/chaos.json.
+
+The client behaves as a careful client should: when its connection drops mid-request (the proxy holding it died)
+it retries with the same X-Request-ID. Prism answers a retried id from its render record, or waits for the render
+still in flight under that id, so the retry never renders twice (graph/records.py, deployments/ingress.py).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import collections
 import json
 import random
 import statistics
+import tempfile
 import threading
 import time
 import uuid
@@ -31,9 +36,10 @@ PROMPTS = [("a red star on a blue background", "128x128"), ("flat minimal app ic
            ("a teal to purple gradient background", "256x256"), ("a small white ring on a black background", "128x128"),
            ("hero image for our saas landing page", "256x256")]
 TARGETS = ("generator", "upscaler", "intent", "controller", "proxy")
+RETRY_WINDOW_S = 120  # a dropped request is retried (same request id) for this long before it counts as lost
 
 
-def start(port: int):
+def start(port: int, records_dir: str):
     import ray
     from ray.serve._private import api as serve_api
     from ray.serve.schema import ServeDeploySchema
@@ -42,6 +48,7 @@ def start(port: int):
 
     config = load_serve_config(ROOT / "serve_config.yaml")
     config["http_options"]["port"] = port
+    config["applications"][0]["args"]["records"]["dir"] = records_dir
     ray.init(num_cpus=2, include_dashboard=False, namespace="serve", log_to_driver=False)
     client = serve_api.serve_start(http_options=config["http_options"], proxy_location=config["proxy_location"])
     client.deploy_apps(ServeDeploySchema.model_validate(config), _blocking=False)
@@ -94,28 +101,44 @@ class Run:
         with httpx.Client(base_url=self.url, timeout=120) as c:
             while not self.stop.is_set():
                 prompt, size = rng.choice(PROMPTS)
-                rid, phase, t = uuid.uuid4().hex, self.phase, time.perf_counter()
-                row = {"rid": rid, "phase": phase}
-                try:
-                    r = c.post("/v1/images/generations", headers={"X-Request-ID": rid},
-                               json={"prompt": prompt, "size": size})
-                    row |= {"status": r.status_code, "ms": 1000 * (time.perf_counter() - t)}
-                    body = r.json() if r.headers.get("content-type", "").startswith("application/json") else {}
-                    if r.status_code == 200:
-                        row["reasons"] = [f["reason"] for f in body.get("prism", {}).get("fallbacks", [])]
-                    else:
-                        err = body.get("error", {})
-                        row |= {"code": err.get("code"), "stage": _stage_of(err), "has_rid": bool(err.get("request_id"))
-                                or r.headers.get("x-request-id") == rid}
-                except httpx.ConnectError:
-                    row |= {"status": "refused"}  # never accepted: the proxy was down
-                    time.sleep(0.5)
-                except httpx.HTTPError as e:
-                    row |= {"status": "lost", "error": type(e).__name__}
-                except ValueError as e:  # an answer that is not the JSON it claims to be
-                    row |= {"status": "bad_body", "error": str(e)[:100]}
+                row = {"rid": uuid.uuid4().hex, "phase": self.phase, "t": time.perf_counter(), "retries": 0}
+                self.request(c, row, {"prompt": prompt, "size": size})
                 with self.lock:
                     self.rows.append(row)
+
+    def request(self, c: httpx.Client, row: dict, body: dict) -> None:
+        """One request to its final answer: a dropped connection is retried with the same request id."""
+        accepted = False
+        while True:
+            try:
+                r = c.post("/v1/images/generations", headers={"X-Request-ID": row["rid"]}, json=body)
+                break
+            except httpx.ConnectError:
+                if not accepted:
+                    row["status"] = "refused"  # never accepted: the proxy was down
+                    time.sleep(0.5)
+                    return
+            except httpx.HTTPError as e:  # accepted, then the connection dropped: retry with the same id
+                accepted, row["error"] = True, type(e).__name__
+            if time.perf_counter() - row["t"] > RETRY_WINDOW_S:
+                row["status"] = "lost"
+                return
+            row["retries"] += 1
+            time.sleep(1.0)  # the proxy restarts in about a second
+        row |= {"status": r.status_code, "ms": 1000 * (time.perf_counter() - row["t"])}
+        try:
+            answer = r.json() if r.headers.get("content-type", "").startswith("application/json") else {}
+        except ValueError as e:  # an answer that is not the JSON it claims to be
+            row |= {"status": "bad_body", "error": str(e)[:100]}
+            return
+        if r.status_code == 200:
+            prism = answer.get("prism", {})
+            row["reasons"] = [f["reason"] for f in prism.get("fallbacks", [])]
+            row["from_record"] = any("already rendered" in n for n in prism.get("notes", []))
+        else:
+            err = answer.get("error", {})
+            row |= {"code": err.get("code"), "stage": _stage_of(err),
+                    "has_rid": bool(err.get("request_id")) or r.headers.get("x-request-id") == row["rid"]}
 
     def killer(self, every: tuple[float, float], rng: random.Random, kills: list) -> None:
         import ray
@@ -142,7 +165,15 @@ def p95(xs: list[float]) -> float | None:
     return round(statistics.quantiles(xs, n=20)[18], 1) if len(xs) >= 20 else None
 
 
-def report(rows: list[dict], kills: list, recovery_s: float | None) -> dict:
+def duplicate_renders(records_dir: str) -> int:
+    """Request ids with more than one successful render in the record store: each one a render done twice."""
+    from graph.records import SqliteRenderStore
+
+    with SqliteRenderStore(records_dir) as store:
+        return len(store.rendered_twice())
+
+
+def report(rows: list[dict], kills: list, recovery_s: float | None, duplicates: int) -> dict:
     out = {}
     for phase in ("baseline", "chaos"):
         rs = [r for r in rows if r["phase"] == phase]
@@ -156,9 +187,10 @@ def report(rows: list[dict], kills: list, recovery_s: float | None) -> dict:
                       "failed_without_request_id": sum(1 for r in accepted if r["status"] not in (200, "lost")
                                                        and not r.get("has_rid")),
                       "replica_died_retries": sum(r.get("reasons", []).count("replica_died") for r in rs),
+                      "client_retries_same_id": sum(r.get("retries", 0) for r in rs),
+                      "answered_from_record": sum(bool(r.get("from_record")) for r in rs),
                       "p95_ms_200": p95([r["ms"] for r in rs if r["status"] == 200])}
-    ids = collections.Counter(r["rid"] for r in rows)
-    out["duplicate_answers"] = sum(1 for n in ids.values() if n > 1)
+    out["duplicate_renders"] = duplicates
     out["kills"] = [{"target": k["target"], "actor": k["actor"]} for k in kills]
     out["recovery_s_after_last_kill"] = recovery_s
     return out
@@ -177,7 +209,8 @@ def main() -> int:
     import ray
     from ray import serve
 
-    start(args.port)
+    records_dir = tempfile.mkdtemp(prefix="prism-chaos-records-")
+    start(args.port, records_dir)
     run, kills, rng = Run(f"http://127.0.0.1:{args.port}"), [], random.Random(args.seed)
     workers = [threading.Thread(target=run.worker, args=(args.seed + i,), daemon=True)
                for i in range(args.concurrency)]
@@ -196,7 +229,7 @@ def main() -> int:
         if kills:
             wait_healthy(300)
             recovery = round(time.monotonic() - kills[-1]["t"], 1)
-        result = report(run.rows, kills, recovery)
+        result = report(run.rows, kills, recovery, duplicate_renders(records_dir))
         print(json.dumps(result, indent=1))
         args.out.write_text(json.dumps(result, indent=1) + "\n")
         return 0

@@ -25,6 +25,7 @@ APPS = ("prism", "faults")
 # Ray's per-node metrics agent serves ray.serve.metrics here (Prometheus text), as `ray start
 # --metrics-export-port` does on a cluster.
 METRICS_PORT = PORT + 999
+REMOTE_KEY_ENV = "PRISM_TEST_REMOTE_KEY"
 # Each app records its renders under its own folder of this session's temp dir.
 RECORDS_DIR = tempfile.mkdtemp(prefix="prism-records-")
 GPU_TIERS = ("ok", "nan", "garbage", "blank")
@@ -58,6 +59,12 @@ def faults_app(base_app: dict) -> dict:
         "dies": _fake("die", fault_marker_path=DIE_MARKER),
         "sick": _fake("unhealthy", fault_marker_path=SICK_MARKER, health_failures_to_replace=2),
         "slowish": _fake("sleep", fault_sleep_s=4.0, max_batch_size=1),
+        # A hosted tier whose "provider" is this Prism itself (the OpenAI Images API it serves): the `openai`
+        # kind end to end through real HTTP. Its key variable is set below; Prism ignores the bearer token.
+        "prism_remote": {"kind": "openai", "name": "prism-over-openai-api", "provider_model": "ok",
+                         "base_url": f"http://127.0.0.1:{PORT}/faults", "api_key_env": REMOTE_KEY_ENV,
+                         "native_size": 64, "send_seed": True, "timeout_s": 30, "max_batch_size": 4,
+                         "cost": {"usd_per_image": 0.01}},
     }
     routes = {name: {"tier": name, "fallbacks": ["ok"], "max_latency_ms": 20000} for name in tiers}
     routes.update({
@@ -138,6 +145,7 @@ def deployer():
     config["applications"][0]["args"]["records"]["dir"] = os.path.join(RECORDS_DIR, "prism")
     config["applications"].append(faults_app(config["applications"][0]))
     # 2 logical CPUs for the real profile (as on this machine) + a little for the fault app's light fakes.
+    os.environ.setdefault(REMOTE_KEY_ENV, "prism-test-key-4f1c")  # the replicas inherit it
     ray.init(num_cpus=3, num_gpus=2, include_dashboard=False, namespace="serve", log_to_driver=False,
              _metrics_export_port=METRICS_PORT)
     try:

@@ -200,3 +200,26 @@ def test_metrics_are_scraped_from_the_ray_metrics_agent(http):
         time.sleep(2)
     missing = [w for w in wanted if not re.search(w, text)]
     assert not missing, f"series not exported: {missing}"
+
+
+def test_retry_while_in_flight_waits_for_the_one_render(base_url, http):
+    """A client whose connection dropped retries with the same X-Request-ID while the first render still runs:
+    the retry waits for it and both get the same answer from one render (chaos: a proxy killed mid-request)."""
+    import concurrent.futures
+
+    rid = f"inflight-{uuid.uuid4().hex[:8]}"
+    body = {"prompt": PROMPT, "size": "64x64", "seed": 5, "model": "slowish"}  # ~4 s on its tier
+
+    def post():
+        return httpx.post(f"{base_url}{GEN}", json=body, headers={"X-Request-ID": rid}, timeout=60)
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        first = pool.submit(post)
+        time.sleep(1.0)
+        second = pool.submit(post)
+        a, b = first.result(), second.result()
+    assert a.status_code == b.status_code == 200, (a.text, b.text)
+    assert a.json()["data"] == b.json()["data"]
+    assert any("already rendered" in n for n in b.json()["prism"]["notes"])
+    records = http.get("/faults/v1/renders", params={"route": "slowish", "limit": 500}).json()["data"]
+    assert [r["id"] for r in records].count(rid) == 1
