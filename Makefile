@@ -6,7 +6,7 @@ PY ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.prism-installed
-SYSTEM_PACKAGES := libvulkan1 libomp5 fonts-dejavu-core
+SYSTEM_PACKAGES := libvulkan1 libomp5 fonts-dejavu-core chromium
 
 # Ray 2.60 on one machine: keep the cluster on loopback, no usage reporting; never reach a model hub.
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
@@ -14,8 +14,8 @@ export RAY_DISABLE_USAGE_STATS := 1
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: serve test install system-deps lint unit integration e2e check-config train-intent loadtest loadtest-1000 \
-	plan-gpu train-builtin frontier chaos clean
+.PHONY: serve test install system-deps lint unit integration e2e cluster check-config train-intent loadtest loadtest-1000 \
+	plan-gpu train-builtin frontier chaos screenshot clean
 
 $(STAMP): requirements.txt pyproject.toml
 	$(MAKE) system-deps
@@ -41,10 +41,11 @@ serve: install check-config
 	$(BIN)/serve run serve_config.yaml
 
 check-config: install
-	$(BIN)/python -m graph.config serve_config.yaml serve_config.gpu.yaml
+	$(BIN)/python -m graph.config serve_config.yaml serve_config.gpu.yaml serve_config.hybrid.yaml
 
 test: install lint
 	$(BIN)/python -m pytest tests/unit tests/integration
+	$(BIN)/python -m pytest tests/cluster
 	$(BIN)/python -m pytest tests/e2e
 
 lint: install
@@ -58,6 +59,10 @@ integration: install
 
 e2e: install
 	$(BIN)/python -m pytest tests/e2e
+
+# Two Ray nodes on loopback (one with logical GPUs): placement, losing the GPU node, getting it back.
+cluster: install
+	$(BIN)/python -m pytest tests/cluster
 
 # Load tests (bounded, loopback only): start Prism on the simulated profile if it is not up, run Locust
 # headless, check loadtests/targets.yaml, stop what was started. Exit non-zero on a missed target.
@@ -78,6 +83,10 @@ train-intent: install
 # Kills replicas, the Serve controller and the proxy under load (needs port 8000 free); figures in RESULTS.md.
 chaos: install
 	$(BIN)/python -m loadtests.chaos
+
+# The README's playground screenshot, taken by the browser test against the real graph.
+screenshot: install
+	PRISM_SCREENSHOT_DIR=docs $(BIN)/python -m pytest tests/integration/test_playground.py -k generate
 
 # Trains the built-in models (engines/builtin_models/) from seed 0; ~20 min each on 2 CPU cores.
 train-builtin: install

@@ -161,4 +161,5 @@ class Generator:
                 "gpu_ids": [str(g) for g in ray.get_gpu_ids()], "device": getattr(self.engine, "device", "cpu"),
                 "native_size": self.spec.native_size, "steps": self.spec.steps, "guidance": self.spec.guidance,
                 "stats": dict(self.stats), "replica": serve.get_replica_context().replica_id.unique_id,
+                "node_id": ray.get_runtime_context().get_node_id(),
                 "health": {"consecutive_failures": self.health.failures, "last_error": self.health.last_error}}

@@ -10,9 +10,10 @@ import logging
 import math
 import random
 import time
+from pathlib import Path
 
 from fastapi import Query, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RayServeException
@@ -62,6 +63,9 @@ from graph.schemas import (
 from graph.trace import CAPACITY_REASONS, Trace, request_hash
 
 log = logging.getLogger("ray.serve")
+# The playground (web/): one page and its two assets, read once per replica; no build step, no CDN.
+WEB_DIR = Path(__file__).resolve().parent.parent / "web"
+WEB_ASSETS = {"app.js": "text/javascript", "style.css": "text/css"}
 app = make_app()
 
 
@@ -153,6 +157,19 @@ class Ingress:
             self.ledger.add(row.get("user_tier") or "free", row.get("cost_usd") or 0.0, now=row.get("created"))
 
     # ---- HTTP routes -------------------------------------------------------------------------------
+
+    @app.get("/", include_in_schema=False)
+    async def playground(self) -> HTMLResponse:
+        """The playground and compare page (web/index.html)."""
+        return HTMLResponse((WEB_DIR / "index.html").read_text(), headers={"Cache-Control": "no-cache"})
+
+    @app.get("/static/{name}", include_in_schema=False)
+    async def static(self, name: str) -> Response:
+        """The page's script and stylesheet: a fixed list, so no path from the URL reaches the filesystem."""
+        if name not in WEB_ASSETS:
+            raise NotFound(f"no static file {name!r}; have {sorted(WEB_ASSETS)}", param="name")
+        return Response((WEB_DIR / name).read_bytes(), media_type=WEB_ASSETS[name],
+                        headers={"Cache-Control": "no-cache"})
 
     @app.get("/healthz")
     async def healthz(self) -> dict:
