@@ -169,6 +169,7 @@ class SqliteRenderStore(RenderStore):
         self._lock = threading.Lock()
         self._prune_lock = threading.Lock()
         self._puts = 0
+        self._prune_thread: threading.Thread | None = None
         self._conn = _connect(self.dir / "renders.db", fsync=self.spec.fsync)
 
     # ---- writing -------------------------------------------------------------------------------------------
@@ -184,9 +185,17 @@ class SqliteRenderStore(RenderStore):
             seq = self._insert(conn, columns, hashes)
             self._puts += 1
             due = self._puts % self.spec.prune_every == 0
-        if due:
-            self._prune_after_put()
+        if due:  # off the request's path: the caller has its committed record already
+            self._prune_thread = threading.Thread(target=self._prune_after_put, name="render-store-prune",
+                                                  daemon=True)
+            self._prune_thread.start()
         return seq
+
+    def wait_for_retention(self, timeout_s: float = 60.0) -> None:
+        """Wait for a retention run that a put started in the background (tests, shutdown)."""
+        thread = self._prune_thread
+        if thread is not None:
+            thread.join(timeout_s)
 
     def _insert(self, conn: sqlite3.Connection, columns: dict[str, Any], hashes: list[str]) -> int:
         """Insert the renders row and its images rows; runs inside put's transaction (a seam for fault tests)."""
@@ -397,6 +406,7 @@ class SqliteRenderStore(RenderStore):
             raise
 
     def close(self) -> None:
+        self.wait_for_retention()  # a background prune still holds the connection
         with self._lock:
             self._conn.close()
 

@@ -358,6 +358,7 @@ def test_put_runs_retention_every_prune_every_writes(root):
         counts = []
         for i in range(7):
             s.put(rec(f"r{i}", T0 + i), [png(str(i))])
+            s.wait_for_retention()  # retention runs in the background, off the put's path
             counts.append(len(all_records(s)))
         assert counts == [1, 2, 2, 3, 4, 2, 3]
 
