@@ -15,7 +15,14 @@ from pathlib import Path
 from fastapi import Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
-from ray.exceptions import RayActorError
+from ray.exceptions import (
+    LocalRayletDiedError,
+    NodeDiedError,
+    ObjectLostError,
+    RayActorError,
+    RayError,
+    WorkerCrashedError,
+)
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RayServeException
 
 from engines.intent import extract_text
@@ -76,6 +83,11 @@ GUIDANCE_CURABLE = ("nan", "blank")
 MAX_CANARY_EVENTS = 50
 
 
+# What a call sees when the replica holding it is gone: the actor died (RayActorError, ActorUnavailableError), its
+# node died, the worker process crashed, or the result's owner went with it (ObjectLostError, OwnerDiedError).
+_REPLICA_LOST = (RayActorError, NodeDiedError, WorkerCrashedError, ObjectLostError, LocalRayletDiedError)
+
+
 class _ReplicaDied(Exception):
     def __init__(self, stage: str, error: str):
         super().__init__(f"{stage}: {error}")
@@ -84,6 +96,46 @@ class _ReplicaDied(Exception):
 
 class _AttemptTimeout(Exception):
     """A model attempt passed the route's attempt_timeout_ms while the request's deadline still holds."""
+
+
+async def call_retrying(stage: str, call, deadline: float | None):
+    """A stage call that runs once more when its replica dies holding it (the call is idempotent): a second
+    death is a 502 naming the stage. Intent, upscaler and typography replicas can live on a node that dies."""
+    for attempt in (1, 2):
+        try:
+            return await call_within(call(), deadline, stage)
+        except _ReplicaDied as e:
+            if attempt == 2:
+                raise StageFailed(stage, f"stage {stage} failed: its replica died twice ({e.error})") from None
+            log.warning("stage %s: replica died mid-call (%s); retrying once", stage, e.error)
+
+
+async def call_within(response, deadline: float | None, stage: str, attempt_deadline: float | None = None):
+    """Await a downstream call within the deadline; map Serve's overload and availability errors."""
+    limit = deadline if attempt_deadline is None else min(deadline, attempt_deadline)
+    timeout = None if limit is None else limit - time.perf_counter()
+    try:
+        if timeout is not None and timeout <= 0:
+            raise TimeoutError
+        return await asyncio.wait_for(response, timeout)
+    except TimeoutError:
+        response.cancel()
+        if attempt_deadline is not None and attempt_deadline < deadline:
+            raise _AttemptTimeout from None
+        raise DeadlineExceeded(f"stage {stage} did not finish within the request's deadline") from None
+    except BackPressureError:
+        raise CapacityError(f"stage {stage} is at capacity (its queue is full)", retry_after_s=1) from None
+    except DeploymentUnavailableError:
+        raise CapacityError(f"stage {stage} has no replica available", retry_after_s=5) from None
+    except _REPLICA_LOST as e:
+        # The replica (or its node, or the worker holding the result) died while holding the call: Serve
+        # retries only calls not yet started (ray#47237), so the caller decides whether to run it again.
+        # Named by stage, not by whoever noticed (ray#61758).
+        raise _ReplicaDied(stage, type(e).__name__) from None
+    except PrismError:  # a replica's own PrismError (Ray re-raises it as one) keeps its status
+        raise
+    except (RayServeException, RayError) as e:  # anything else Ray raises: a clean 502 naming the stage
+        raise StageFailed(stage, f"stage {stage} failed: {type(e).__name__}") from None
 
 
 def _ms(t0: float) -> float:
@@ -531,7 +583,7 @@ class Ingress:
             result = IntentResult(label=req.intent, confidence=1.0, scores={req.intent: 1.0}, source="override",
                                   text_to_render=req.text or extract_text(req.prompt))
         else:
-            raw = await self._until(self.intent.classify.remote(req.prompt), None, "intent")
+            raw = await call_retrying("intent", lambda: self.intent.classify.remote(req.prompt), None)
             result = IntentResult.model_validate(raw)
             if req.text:
                 result.text_to_render = req.text
@@ -617,7 +669,7 @@ class Ingress:
             return "shed", f"{load.inflight} in flight at ~{load.ewma_s:.2f}s each: cannot finish in time", None
         try:
             with load.track():
-                result = await self._until(self.generators[tier].generate.remote(job), deadline, f"generate:{tier}",
+                result = await call_within(self.generators[tier].generate.remote(job), deadline, f"generate:{tier}",
                                            attempt_deadline=attempt_deadline)
         except _AttemptTimeout:
             return "deadline", f"no answer within attempt_timeout_ms={decision.attempt_timeout_ms}", None
@@ -667,35 +719,5 @@ class Ingress:
         if should_shed(load, 1, deadline - time.perf_counter()):
             raise CapacityError(f"stage {stage} is overloaded: {load.inflight} in flight at ~{load.ewma_s:.2f}s each "
                                 f"cannot finish before the request's deadline", retry_after_s=retry_after_s(load, 1))
-        for attempt in (1, 2):
-            try:
-                with load.track():
-                    return await self._until(call(), deadline, stage)
-            except _ReplicaDied as e:
-                if attempt == 2:
-                    raise StageFailed(stage, f"stage {stage} failed: its replica died twice ({e.error})") from None
-                log.warning("stage %s: replica died mid-call (%s); retrying once", stage, e.error)
-
-    async def _until(self, response, deadline: float | None, stage: str, attempt_deadline: float | None = None):
-        """Await a downstream call within the deadline; map Serve's overload and availability errors."""
-        limit = deadline if attempt_deadline is None else min(deadline, attempt_deadline)
-        timeout = None if limit is None else limit - time.perf_counter()
-        try:
-            if timeout is not None and timeout <= 0:
-                raise TimeoutError
-            return await asyncio.wait_for(response, timeout)
-        except TimeoutError:
-            response.cancel()
-            if attempt_deadline is not None and attempt_deadline < deadline:
-                raise _AttemptTimeout from None
-            raise DeadlineExceeded(f"stage {stage} did not finish within the request's deadline") from None
-        except BackPressureError:
-            raise CapacityError(f"stage {stage} is at capacity (its queue is full)", retry_after_s=1) from None
-        except DeploymentUnavailableError:
-            raise CapacityError(f"stage {stage} has no replica available", retry_after_s=5) from None
-        except RayActorError as e:
-            # The replica died while holding the call (Serve retries only calls not yet started, ray#47237):
-            # the caller decides whether to run it again. Named by stage, not by whoever noticed (ray#61758).
-            raise _ReplicaDied(stage, type(e).__name__) from None
-        except RayServeException as e:
-            raise PrismError(f"stage {stage} failed: {type(e).__name__}") from None
+        with load.track():
+            return await call_retrying(stage, call, deadline)

@@ -32,6 +32,13 @@ def error_response(err: PrismError, request_id: str) -> JSONResponse:
     return JSONResponse(status_code=err.status_code, content=err.body(request_id), headers=dict(err.headers))
 
 
+def internal_error(exc: Exception, request_id: str) -> JSONResponse:
+    """A bug's 500: logged with its traceback; the client gets the exception's class and the request id only."""
+    log.error("unexpected error in request %s", request_id, exc_info=exc)
+    return error_response(PrismError(f"internal error ({type(exc).__name__}); see the server log for this "
+                                     "request id"), request_id)
+
+
 def _field_of(loc: tuple) -> str:
     parts = [str(p) for p in loc if p not in ("body", "query", "path")]
     return ".".join(parts) or "body"
@@ -82,10 +89,8 @@ def make_app(max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
         else:
             try:
                 response = await call_next(request)
-            except Exception:  # a handler bug that escaped FastAPI's handlers: log it, never leak it
-                log.exception("unhandled error in request %s", request.state.request_id)
-                response = error_response(PrismError("internal error; see the server log for this request id"),
-                                          request.state.request_id)
+            except Exception as exc:  # a handler bug that escaped FastAPI's handlers: log it, never leak it
+                response = internal_error(exc, request.state.request_id)
         if not app.state.behind_serve_proxy:
             response.headers["X-Request-ID"] = request.state.request_id
         return response
@@ -105,8 +110,6 @@ def make_app(max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def on_unexpected(request: Request, exc: Exception):
-        log.exception("unexpected error in request %s", request_id_of(request))
-        return error_response(PrismError("internal error; see the server log for this request id"),
-                              request_id_of(request))
+        return internal_error(exc, request_id_of(request))
 
     return app

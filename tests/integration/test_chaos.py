@@ -129,4 +129,5 @@ def test_short_chaos_burst_loses_nothing(base_url, http):
             break
         time.sleep(2)
     assert last.status_code == 200, (killed, rows[-10:], last.text)
-    assert all(code == 200 or code >= 500 for code, _, _, _ in rows), rows
+    # 502 a stage's replica died twice, 503 no replica could take it, 504 past the deadline; never a bug's 500.
+    assert all(code in (200, 502, 503, 504) for code, _, _, _ in rows), rows
