@@ -583,8 +583,16 @@ class Ingress:
             result = IntentResult(label=req.intent, confidence=1.0, scores={req.intent: 1.0}, source="override",
                                   text_to_render=req.text or extract_text(req.prompt))
         else:
-            raw = await call_retrying("intent", lambda: self.intent.classify.remote(req.prompt), None)
-            result = IntentResult.model_validate(raw)
+            try:
+                raw = await call_retrying("intent", lambda: self.intent.classify.remote(req.prompt),
+                                          time.perf_counter() + self.settings.get("intent", {}).get("timeout_s", 10))
+                result = IntentResult.model_validate(raw)
+            except (StageFailed, CapacityError, DeadlineExceeded) as e:
+                # The classifier is an optimisation of the route, not a reason to fail the render: without it the
+                # request goes by the rules that need no intent (text, keywords, regex, user tier), degraded.
+                log.warning("intent stage unavailable (%s); routing without an intent", e.message)
+                result = IntentResult(label=None, confidence=0.0, scores={}, source="unavailable",
+                                      text_to_render=extract_text(req.prompt))
             if req.text:
                 result.text_to_render = req.text
         timings["intent"] = _ms(t)
@@ -602,6 +610,9 @@ class Ingress:
                             user_tier=req.user_tier, quality=req.quality, has_text=bool(intent.text_to_render),
                             inflight=self.inflight)
         decision = decide(self.policy, features, forced=forced)
+        if intent.source == "unavailable" and not forced:
+            decision.degraded = True
+            notes.append(f"intent classifier unavailable: routed by rule {decision.rule!r} without an intent")
         decision = apply_brownout(self.policy, decision, {t: ld.inflight for t, ld in self.load.items()})
         budget = self.policy.budgets.get(req.user_tier)
         if budget is not None:

@@ -17,6 +17,19 @@ from graph.records import RecordsSpec
 from graph.schemas import SIZE_MAX, SIZE_MIN, SIZE_STEP, TypographySpec
 
 
+class IntentSpec(BaseModel):
+    """The intent stage: how long a request waits for it before it is routed without an intent."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    timeout_s: float = Field(
+        default=10.0, gt=0, le=300,
+        description="Past this (or when the classifier's replicas are gone or die twice) the request is routed by "
+                    "the rules that need no intent (text, keywords, regex, tiers), marked degraded.")
+    fault_marker_path: str | None = Field(
+        default=None, description="Fault injection for tests: while this file exists, classify hangs.")
+
+
 class AppArgs(BaseModel):
     """The application's args block in serve_config*.yaml."""
 
@@ -32,6 +45,7 @@ class AppArgs(BaseModel):
     post: PostSpec = Field(default_factory=PostSpec)
     typography: TypographySpec = Field(default_factory=TypographySpec)
     records: RecordsSpec = Field(default_factory=RecordsSpec, description="Render records: where and how long.")
+    intent: IntentSpec = Field(default_factory=IntentSpec)
 
     @model_validator(mode="after")
     def _tier_names(self) -> AppArgs:
@@ -61,6 +75,7 @@ def build_app(args: AppArgs) -> Application:
         for tier, spec in args.tiers.items()
     }
     settings = args.model_dump(
-        include={"profile", "max_width", "max_height", "max_body_bytes", "overload_status", "tiers", "records"})
-    return Ingress.bind(IntentClassifier.bind(), generators, Upscaler.bind(args.post.model_dump()),
-                        Typography.bind(args.typography.model_dump()), settings)
+        include={"profile", "max_width", "max_height", "max_body_bytes", "overload_status", "tiers", "records",
+                 "intent"})
+    return Ingress.bind(IntentClassifier.bind(args.intent.fault_marker_path), generators,
+                        Upscaler.bind(args.post.model_dump()), Typography.bind(args.typography.model_dump()), settings)

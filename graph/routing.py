@@ -159,7 +159,7 @@ class Features:
     """What a decision looks at: plain values extracted from the request and the intent stage."""
 
     prompt: str
-    intent: str
+    intent: str | None  # None: the intent stage was unavailable; rules that name intents do not match
     confidence: float
     user_tier: str = "free"
     quality: str = "standard"

@@ -71,10 +71,11 @@ class GenerationRequest(BaseModel):
 
 
 class IntentResult(BaseModel):
-    label: Intent
+    # None only with source "unavailable": the classifier did not answer in time, the request was routed without it.
+    label: Intent | None
     confidence: float
     scores: dict[str, float]
-    source: Literal["classifier", "rule", "override"] = "classifier"
+    source: Literal["classifier", "rule", "override", "unavailable"] = "classifier"
     text_to_render: str | None = None
 
 

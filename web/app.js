@@ -64,7 +64,7 @@ function requestBody() {
 
 function describe(dl, prism) {
   const intent = prism.intent;
-  fact(dl, "Intent", `${intent.label} (${intent.source}, ${(intent.confidence * 100).toFixed(0)}%)`);
+  fact(dl, "Intent", `${intent.label ?? "none"} (${intent.source}, ${(intent.confidence * 100).toFixed(0)}%)`);
   const scores = Object.entries(intent.scores || {}).sort((a, b) => b[1] - a[1]).slice(0, 6);
   if (scores.length > 1) fact(dl, "Scores", bars(scores, ""));
   fact(dl, "Route", `${prism.route} (rule ${prism.rule})${prism.degraded ? ", degraded" : ""}${prism.canary ? ", canary" : ""}`);
@@ -124,7 +124,7 @@ async function routeOnly() {
     const d = r.decision;
     const dl = $("result-facts");
     dl.replaceChildren();
-    fact(dl, "Intent", `${r.intent.label} (${(r.intent.confidence * 100).toFixed(0)}%)`);
+    fact(dl, "Intent", `${r.intent.label ?? "none"} (${(r.intent.confidence * 100).toFixed(0)}%)`);
     fact(dl, "Route", `${d.route} (rule ${d.rule})`);
     fact(dl, "Model", `${r.model} · ${r.model_version} · tier ${d.tier}`);
     fact(dl, "Fallbacks", d.fallbacks.join(", ") || "none");

@@ -21,6 +21,7 @@ HELD_LOG = os.path.join(tempfile.gettempdir(), f"prism-held-{os.getpid()}.log")
 # The dying fake exits unless this file exists (it writes it first); the sick fake fails probes while it exists.
 DIE_MARKER = os.path.join(tempfile.gettempdir(), f"prism-die-{os.getpid()}.marker")
 SICK_MARKER = os.path.join(tempfile.gettempdir(), f"prism-sick-{os.getpid()}.marker")
+INTENT_HANG_MARKER = os.path.join(tempfile.gettempdir(), f"prism-intent-hang-{os.getpid()}.marker")
 APPS = ("prism", "faults")
 # Ray's per-node metrics agent serves ray.serve.metrics here (Prometheus text), as `ray start
 # --metrics-export-port` does on a cluster.
@@ -102,6 +103,7 @@ def faults_app(base_app: dict) -> dict:
     return {"name": "faults", "route_prefix": "/faults", "import_path": base_app["import_path"],
             "args": {"profile": "faults", "max_width": 256, "max_height": 256, "tiers": tiers,
                      "records": {"dir": os.path.join(RECORDS_DIR, "faults")},
+                     "intent": {"timeout_s": 3, "fault_marker_path": INTENT_HANG_MARKER},
                      "post": {"backend": "realesrgan"}, "typography": {"ocr": "rapidocr", "max_cer": 1.0}},
             "deployments": deployments}
 

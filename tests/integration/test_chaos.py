@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from tests.integration.conftest import DIE_MARKER, SICK_MARKER
+from tests.integration.conftest import DIE_MARKER, INTENT_HANG_MARKER, SICK_MARKER
 
 pytestmark = pytest.mark.integration
 
@@ -50,6 +50,35 @@ def test_failing_health_probes_replace_the_replica(http):
         os.remove(SICK_MARKER)
     r = http.post("/faults/v1/images/generations", json={"prompt": "x", "model": "sick"}, timeout=60)
     assert r.status_code == 200 and r.json()["prism"]["tier"] == "sick"
+
+
+def test_a_wedged_intent_classifier_costs_a_degraded_route_not_the_render(http):
+    """The intent classifier hangs (fault-injected): past the app's intent.timeout_s (3 s here) the request is
+    routed by the rules that need no intent, marked degraded, and rendered; once it answers again, it is used."""
+    open(INTENT_HANG_MARKER, "w").close()
+    try:
+        t = time.monotonic()
+        r = http.post("/faults/v1/images/generations", json={"prompt": "a red star at dusk", "size": "64x64"},
+                      timeout=60)
+        elapsed = time.monotonic() - t
+        routed = http.post("/faults/v1/route", json={"prompt": 'a sign that says "OPEN"'}, timeout=60)
+    finally:
+        os.remove(INTENT_HANG_MARKER)
+    assert r.status_code == 200, r.text
+    prism = r.json()["prism"]
+    assert prism["intent"]["source"] == "unavailable" and prism["intent"]["label"] is None, prism["intent"]
+    assert prism["degraded"] and any("intent classifier unavailable" in n for n in prism["notes"]), prism
+    assert 3 <= prism["timings_ms"]["intent"] / 1000 < 10 and elapsed < 30, (elapsed, prism["timings_ms"])
+    # Text in quotes is still found without the classifier (the has_text rules keep working).
+    assert routed.status_code == 200 and routed.json()["intent"]["text_to_render"] == "OPEN", routed.text
+    record = http.get(f"/faults/v1/renders/{prism['request_id']}").json()
+    assert record["intent"] is None and record["intent_source"] == "unavailable", record
+    deadline = time.monotonic() + 60
+    while True:  # the hung batch notices the marker is gone within 0.1 s; the next request is classified again
+        again = http.post("/faults/v1/route", json={"prompt": "a red star at dusk"}, timeout=60)
+        if again.json()["intent"]["source"] == "classifier" or time.monotonic() > deadline:
+            break
+    assert again.json()["intent"]["source"] == "classifier", again.text
 
 
 def test_redeploy_drains_in_flight_renders(deployer, base_url):

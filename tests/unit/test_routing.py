@@ -26,6 +26,10 @@ DECISIONS = [
     pytest.param(Features("art", "illustration", 0.9), "standard", "photoreal-illustration-standard",
                  id="illustration"),
     pytest.param(Features("hero", "hero", 0.9, user_tier="pro", inflight=500), "fast", "brownout", id="brownout"),
+    # The intent stage unavailable: rules naming intents do not match, the rest still do.
+    pytest.param(Features("app icon", None, 0.0), "standard", "default", id="no_intent_default"),
+    pytest.param(Features("a dog", None, 0.0, has_text=True), "typography", "exact-text", id="no_intent_has_text"),
+    pytest.param(Features("x", None, 0.0, inflight=500), "fast", "brownout", id="no_intent_brownout"),
 ]
 
 
