@@ -145,6 +145,25 @@ def _add_download_route(app: FastAPI, st: Standin, route: str) -> None:
         return Response(data, media_type="image/png")
 
 
+def _standin_app(key: str, download_route: str | None = None) -> tuple[FastAPI, Standin]:
+    """A stand-in's app and state (on app.state.standin), with its image-link route when its provider has one."""
+    app, st = FastAPI(), Standin(key=key)
+    app.state.standin = st
+    if download_route:
+        _add_download_route(app, st, download_route)
+    return app, st
+
+
+async def _accept_call(st: Standin, request: Request, prompt: str, error,
+                       rate_limited=None) -> tuple[str | None, Response | None]:
+    """An authorised, well-formed call: count it, then (fault, the fault's answer or None to answer normally)."""
+    fault = fault_of(prompt)
+    st.calls[prompt] += 1
+    if fault == "429" and rate_limited is not None:
+        return fault, rate_limited(st)
+    return fault, await _common_fault(st, request, fault, prompt, error)
+
+
 async def _common_fault(st: Standin, request: Request, fault: str | None, prompt: str, error) -> Response | None:
     """The faults every stand-in answers alike, in its provider's error shape: error(status, message) -> body."""
     if fault == "429":
@@ -218,9 +237,7 @@ def _openai_item(st: Standin, request: Request, body: dict, fault: str | None, k
 
 def openai_standin(key: str) -> FastAPI:
     """POST /v1/images/generations as OpenAI documents it (Bearer auth, JSON body)."""
-    app, st = FastAPI(), Standin(key=key)
-    app.state.standin = st
-    _add_download_route(app, st, "files")
+    app, st = _standin_app(key, "files")
 
     @app.post("/v1/images/generations")
     async def generations(request: Request) -> Response:
@@ -231,9 +248,7 @@ def openai_standin(key: str) -> FastAPI:
         problem = next(_openai_problems(body), None)
         if problem:
             return JSONResponse(_openai_error(400, problem), 400)
-        prompt, fault = body["prompt"], fault_of(body["prompt"])
-        st.calls[prompt] += 1
-        answer = await _common_fault(st, request, fault, prompt, _openai_error)
+        fault, answer = await _accept_call(st, request, body["prompt"], _openai_error)
         if answer is not None:
             return answer
         if fault == "refused":
@@ -312,9 +327,7 @@ def _ideogram_item(st: Standin, request: Request, form: dict, fault: str | None,
 
 def ideogram_standin(key: str) -> FastAPI:
     """POST /v1/ideogram-v3/generate as Ideogram documents it (Api-Key header, multipart form, image links)."""
-    app, st = FastAPI(), Standin(key=key)
-    app.state.standin = st
-    _add_download_route(app, st, "ephemeral")
+    app, st = _standin_app(key, "ephemeral")
 
     @app.post("/v1/ideogram-v3/generate")
     async def generate(request: Request) -> Response:
@@ -327,9 +340,7 @@ def ideogram_standin(key: str) -> FastAPI:
         problem = next(_ideogram_problems(form), None)
         if problem:
             return JSONResponse(_ideogram_error(422, problem), 422)
-        prompt, fault = form["prompt"], fault_of(form["prompt"])
-        st.calls[prompt] += 1
-        answer = await _common_fault(st, request, fault, prompt, _ideogram_error)
+        fault, answer = await _accept_call(st, request, form["prompt"], _ideogram_error)
         if answer is not None:
             return answer
         if fault == "refused":
@@ -441,8 +452,7 @@ def _google_rate_limit(st: Standin) -> JSONResponse:
 def google_standin(key: str) -> FastAPI:
     """POST /v1beta/models/{model}:predict (imagen-*) and :generateContent (gemini-*) as the Gemini API documents
     them (x-goog-api-key header, JSON bodies, base64 images inline)."""
-    app, st = FastAPI(), Standin(key=key)
-    app.state.standin = st
+    app, st = _standin_app(key)
 
     @app.post("/v1beta/models/{target}")
     async def call(target: str, request: Request) -> Response:
@@ -459,11 +469,7 @@ def google_standin(key: str) -> FastAPI:
         if problem:
             return JSONResponse(_google_error(400, problem), 400)
         prompt = Received("POST", "", {}, body).prompt
-        fault = fault_of(prompt)
-        st.calls[prompt] += 1
-        if fault == "429":
-            return _google_rate_limit(st)
-        answer = await _common_fault(st, request, fault, prompt, _google_error)
+        fault, answer = await _accept_call(st, request, prompt, _google_error, rate_limited=_google_rate_limit)
         if answer is not None:
             return answer
         return JSONResponse((_imagen_answer if method == "predict" else _gemini_answer)(model, body, fault))
