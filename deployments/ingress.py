@@ -168,7 +168,7 @@ class Ingress:
         self.records = RecordsSpec.model_validate(settings.get("records") or {})
         self.store = open_store(self.records)
         self.ledger = SpendLedger()
-        self._seed_ledger()
+        self._ledger_since, self._ledger_seeded = time.time(), False  # the ledger sees every render from here on
         self.canaries: dict[str, CanaryMonitor] = {}
         # Request ids being rendered on this replica: a retry of one waits for it instead of rendering again.
         self._pending: dict[str, asyncio.Future] = {}
@@ -189,6 +189,7 @@ class Ingress:
             log.error("routing policy rejected, keeping version %s: %s", self.policy.version, e)
             return
         self.policy, self.prefilter = policy, prefilter
+        self._seed_ledger(policy)
         self.policy_loaded_at, self.policy_rejected = time.time(), None
         self.metrics.allowed["route"] = set(policy.routes) | {f"tier:{t}" for t in self.generators}
         # A canary whose tier and weight did not change keeps its window (and a rollback stays in force);
@@ -201,12 +202,17 @@ class Ingress:
         self.canaries = kept
         log.info("routing policy version %s applied (%d rules)", policy.version, len(policy.rules))
 
-    def _seed_ledger(self) -> None:
-        """Budgets survive a restart: spend of the last 31 days comes back from the render records."""
-        if self.store is None:
+    def _seed_ledger(self, policy) -> None:
+        """Budgets survive a restart: spend from before this replica started, within the longest budget window,
+        comes back from the render records. Only when a policy sets budgets, and once (a later policy with a longer
+        window sees the records from this replica's start on)."""
+        if self.store is None or self._ledger_seeded or not policy.budgets:
             return
-        for row in self.store.rows_since(time.time() - 31 * 86_400):
-            self.ledger.add(row.get("user_tier") or "free", row.get("cost_usd") or 0.0, now=row.get("created"))
+        window = max(b.window_s for b in policy.budgets.values())
+        for row in self.store.rows_since(self._ledger_since - window):
+            if (row.get("created") or 0) < self._ledger_since:  # later renders are in the ledger already
+                self.ledger.add(row.get("user_tier") or "free", row.get("cost_usd") or 0.0, now=row.get("created"))
+        self._ledger_seeded = True
 
     # ---- HTTP routes -------------------------------------------------------------------------------
 

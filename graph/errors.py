@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 
 class PrismError(Exception):
     """Base of every error Prism maps to HTTP; anything else is a logged 500 with the request id."""
@@ -11,12 +13,15 @@ class PrismError(Exception):
     error_type: str = "server_error"
 
     def __init__(self, message: str, *, param: str | None = None, headers: dict[str, str] | None = None,
-                 details: list | None = None):
+                 details: list | None = None, retry_after_s: float | None = None):
         super().__init__(message)
         self.message = message
         self.param = param
         self.headers = dict(headers or {})
         self.details = list(details or [])
+        self.retry_after_s = retry_after_s
+        if retry_after_s is not None:  # when to come back: whole seconds, at least 1 (RFC 9110 delay-seconds)
+            self.headers["Retry-After"] = str(max(1, math.ceil(retry_after_s)))
 
     def body(self, request_id: str) -> dict:
         """The JSON error body (OpenAI's `error` shape plus the request id)."""
@@ -56,10 +61,8 @@ class CapacityError(PrismError):
     code = "overloaded"
     error_type = "overloaded_error"
 
-    def __init__(self, message: str, *, retry_after_s: int = 1, **kw):
-        headers = {"Retry-After": str(max(1, int(retry_after_s)))}
-        super().__init__(message, headers=headers, **kw)
-        self.retry_after_s = retry_after_s
+    def __init__(self, message: str, *, retry_after_s: float = 1, **kw):
+        super().__init__(message, retry_after_s=retry_after_s, **kw)
 
 
 class GenerationFailed(PrismError):
@@ -108,5 +111,5 @@ class BudgetExceeded(PrismError):
     code = "budget_exceeded"
     error_type = "rate_limit_error"
 
-    def __init__(self, message: str, *, retry_after_s: int = 60, **kw):
-        super().__init__(message, headers={"Retry-After": str(max(1, int(retry_after_s)))}, **kw)
+    def __init__(self, message: str, *, retry_after_s: float = 60, **kw):
+        super().__init__(message, retry_after_s=retry_after_s, **kw)

@@ -15,6 +15,13 @@ from graph.schemas import Fallback, GenerationRequest, IntentResult, OcrInfo, Ro
 CAPACITY_REASONS = ("overloaded", "shed", "deadline", "oom", "rate_limited", "replica_died")
 
 
+def blames_model(error: PrismError) -> bool:
+    """Does a request's error count against the model that served it? The same line CAPACITY_REASONS draws for one
+    attempt, drawn for the whole request: a 4xx is the client's (or its budget's), a 503/429 for capacity and a 504
+    past the deadline are load. What is left — 502 (the chain produced garbage, a stage failed) and 500 — is not."""
+    return error.status_code >= 500 and error.status_code not in (503, 504)
+
+
 def request_hash(req: GenerationRequest) -> str:
     """A stable hash of everything the client asked for (extras included): same X-Request-ID + same hash =
     the same request retried; same id + another hash = a clash."""
@@ -57,7 +64,7 @@ class Trace:
     def canary_failed(self, canary_tier: str) -> bool:
         """Did the canary fail this render? Failed checks or errors on it, a failed chain, or an OCR miss;
         capacity refusals are load, not the canary's fault."""
-        if self.error is not None and self.error.code not in ("overloaded", "deadline_exceeded", "invalid_value"):
+        if self.error is not None and blames_model(self.error):
             return True
         if self.ocr is not None and not self.ocr.passed:
             return True

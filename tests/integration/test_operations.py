@@ -223,3 +223,24 @@ def test_retry_while_in_flight_waits_for_the_one_render(base_url, http):
     assert any("already rendered" in n for n in b.json()["prism"]["notes"])
     records = http.get("/faults/v1/renders", params={"route": "slowish", "limit": 500}).json()["data"]
     assert [r["id"] for r in records].count(rid) == 1
+
+
+def test_budgets_survive_an_ingress_restart(http):
+    """The spend ledger lives in the ingress replica; a replacement seeds it from the render records."""
+    import ray
+
+    _gen(http, user_tier="enterprise", seed=40)  # spends the tiny budget (or is refused: an earlier test spent it)
+    assert _gen(http, user_tier="enterprise", seed=41).status_code == 429
+    before = http.get("/faults/healthz").json()["replica"]
+    name = next(a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "faults#Ingress#" in a["name"])
+    ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+    deadline, after = time.monotonic() + 120, before
+    while after == before and time.monotonic() < deadline:
+        time.sleep(1)
+        try:
+            after = http.get("/faults/healthz", timeout=5).json().get("replica", before)
+        except (httpx.HTTPError, ValueError):  # the proxy may still pick the dead replica for a moment
+            pass
+    assert after != before, "the ingress was not replaced within 120 s"
+    refused = _gen(http, user_tier="enterprise", seed=42)
+    assert refused.status_code == 429 and refused.json()["error"]["code"] == "budget_exceeded", refused.text

@@ -3,8 +3,18 @@
 import pytest
 
 from graph.canary import Canary, CanaryMonitor, Rollback, bucket, split_key, takes_canary
-from graph.errors import BudgetExceeded
+from graph.errors import (
+    BudgetExceeded,
+    CapacityError,
+    DeadlineExceeded,
+    GenerationFailed,
+    InvalidRequest,
+    PrismError,
+    StageFailed,
+)
 from graph.routing import Features, apply_budget, apply_canary, decide, load_policy
+from graph.schemas import Fallback, GenerationRequest
+from graph.trace import Trace
 
 
 def _policy(weight=10.0, budgets=None, rollback=None):
@@ -91,3 +101,25 @@ def test_budget_downgrades_or_rejects():
     with pytest.raises(ValueError, match="nowhere"):
         load_policy({"default_route": "fast", "routes": {"fast": {"tier": "fast"}},
                      "budgets": {"free": {"usd": 1, "route": "nowhere"}}})
+
+
+@pytest.mark.parametrize("error,blamed", [
+    (CapacityError("queue full"), False), (DeadlineExceeded("late"), False), (InvalidRequest("bad n"), False),
+    (BudgetExceeded("spent"), False), (GenerationFailed("every model failed"), True),
+    (StageFailed("post", "died twice"), True), (PrismError("bug"), True),
+])
+def test_only_model_failures_count_against_a_canary(error, blamed):
+    trace = Trace(rid="r", req=GenerationRequest(prompt="a red star"), error=error)
+    assert trace.canary_failed("standard_v2") is blamed
+    # A capacity refusal on the canary's own attempt is load too; a garbage render on it is not.
+    clean = Trace(rid="r", req=GenerationRequest(prompt="a red star"))
+    clean.fallbacks = [Fallback(model="m", tier="standard_v2", reason="overloaded", elapsed_ms=1.0)]
+    assert not clean.canary_failed("standard_v2")
+    clean.fallbacks.append(Fallback(model="m", tier="standard_v2", reason="nan", elapsed_ms=1.0))
+    assert clean.canary_failed("standard_v2")
+
+
+def test_retry_after_is_whole_seconds_rounded_up():
+    assert CapacityError("x", retry_after_s=6.2).headers["Retry-After"] == "7"
+    assert CapacityError("x", retry_after_s=0).headers["Retry-After"] == "1"
+    assert BudgetExceeded("x").headers["Retry-After"] == "60" and PrismError("x").headers == {}
