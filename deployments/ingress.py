@@ -27,7 +27,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 
 from engines.intent import extract_text
 from graph.canary import CanaryMonitor, split_key
-from graph.cost import SpendLedger, render_cost
+from graph.cost import SpendLedger, StoreSpend, render_cost
 from graph.errors import (
     CapacityError,
     Conflict,
@@ -167,8 +167,8 @@ class Ingress:
         self.rate_limited_until: dict[str, float] = {}
         self.records = RecordsSpec.model_validate(settings.get("records") or {})
         self.store = open_store(self.records)
-        self.ledger = SpendLedger()
-        self._ledger_since, self._ledger_seeded = time.time(), False  # the ledger sees every render from here on
+        self.ledger = SpendLedger()  # this replica's spend; budgets read `spend`: the store's, across replicas
+        self.spend = StoreSpend(self.store) if self.store is not None else self.ledger
         self.canaries: dict[str, CanaryMonitor] = {}
         # Request ids being rendered on this replica: a retry of one waits for it instead of rendering again.
         self._pending: dict[str, asyncio.Future] = {}
@@ -189,7 +189,6 @@ class Ingress:
             log.error("routing policy rejected, keeping version %s: %s", self.policy.version, e)
             return
         self.policy, self.prefilter = policy, prefilter
-        self._seed_ledger(policy)
         self.policy_loaded_at, self.policy_rejected = time.time(), None
         self.metrics.allowed["route"] = set(policy.routes) | {f"tier:{t}" for t in self.generators}
         # A canary whose tier and weight did not change keeps its window (and a rollback stays in force);
@@ -201,18 +200,6 @@ class Ingress:
                 kept[name] = old if old is not None and old.same_canary(route.canary) else CanaryMonitor(route.canary)
         self.canaries = kept
         log.info("routing policy version %s applied (%d rules)", policy.version, len(policy.rules))
-
-    def _seed_ledger(self, policy) -> None:
-        """Budgets survive a restart: spend from before this replica started, within the longest budget window,
-        comes back from the render records. Only when a policy sets budgets, and once (a later policy with a longer
-        window sees the records from this replica's start on)."""
-        if self.store is None or self._ledger_seeded or not policy.budgets:
-            return
-        window = max(b.window_s for b in policy.budgets.values())
-        for row in self.store.rows_since(self._ledger_since - window):
-            if (row.get("created") or 0) < self._ledger_since:  # later renders are in the ledger already
-                self.ledger.add(row.get("user_tier") or "free", row.get("cost_usd") or 0.0, now=row.get("created"))
-        self._ledger_seeded = True
 
     # ---- HTTP routes -------------------------------------------------------------------------------
 
@@ -334,6 +321,7 @@ class Ingress:
         self._check_limits(req)
         check_prompt(req.prompt, self.prefilter)
         intent = await self._classify(req, timings)
+        await self._refresh_spend()
         decision, notes = self._decide(req, intent, timings, rid)
         model, version = await self._model_of(decision.tier)
         timings["total"] = _ms(t0)
@@ -380,6 +368,7 @@ class Ingress:
         # 2. Intent.
         trace.intent = intent = await self._classify(req, timings)
         # 3. Route (rules, brownout, budget, canary); the route's latency budget becomes the request's deadline.
+        await self._refresh_spend()
         decision, trace.notes = self._decide(req, intent, timings, trace.rid)
         trace.decision = decision
         deadline = t0 + decision.max_latency_ms / 1000
@@ -440,6 +429,8 @@ class Ingress:
             await self._commit(trace, rec)
         finally:
             self.ledger.add(trace.req.user_tier, trace.cost_usd)
+            if self.spend is not self.ledger:
+                self.spend.add(trace.req.user_tier, trace.cost_usd)
             self.metrics.observe(rec)
             self._judge_canary(trace)
 
@@ -604,6 +595,14 @@ class Ingress:
         timings["intent"] = _ms(t)
         return result
 
+    async def _refresh_spend(self) -> None:
+        """Budgets decide on the spend of every ingress replica: re-read the store's sums when they are stale."""
+        if self.policy.budgets and self.spend is not self.ledger:
+            try:
+                await self.spend.refresh({b.window_s for b in self.policy.budgets.values()})
+            except Exception as e:  # an unreadable store must not fail the request: decide on the last sums
+                log.warning("budget spend not re-read from the render records: %r", e)
+
     def _decide(self, req: GenerationRequest, intent: IntentResult, timings: dict,
                 rid: str) -> tuple[RouteDecision, list]:
         """Rules, then load (brownout), then the user tier's budget, then the route's canary split."""
@@ -623,7 +622,7 @@ class Ingress:
         budget = self.policy.budgets.get(req.user_tier)
         if budget is not None:
             decision, note = apply_budget(self.policy, decision, req.user_tier,
-                                          self.ledger.spent(req.user_tier, budget.window_s))
+                                          self.spend.spent(req.user_tier, budget.window_s))
             notes += [note] if note else []
         monitor = self.canaries.get(decision.route)
         if monitor is not None:

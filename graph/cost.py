@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import math
 import time
 from collections import defaultdict
 
@@ -22,8 +24,8 @@ def render_cost(usd_per_image: float, usd_per_second: float, n_images: int, comp
 class SpendLedger:
     """Spend per user tier in one-minute buckets, summed over a rolling window (budgets, `/v1/stats`).
 
-    Per ingress replica; seeded from the render records when the replica starts, so a restart does not reset
-    a budget. With several ingress replicas each sees its own traffic plus what the records held at its start.
+    Per ingress replica: what budgets use when records are disabled (with records, StoreSpend), and this
+    replica's own totals in /v1/stats.
     """
 
     def __init__(self):
@@ -44,3 +46,46 @@ class SpendLedger:
 
     def totals(self) -> dict[str, float]:
         return {tier: round(sum(b.values()), 8) for tier, b in self.buckets.items()}
+
+
+class StoreSpend:
+    """Budget spend across every ingress replica that writes to one render store (the GPU and hybrid profiles run
+    two): the store's sum per user tier over each budget window, re-read at most every `refresh_s`, plus what this
+    replica charged since that read began. Another replica's spend shows up within `refresh_s`; a restarted replica
+    starts from the records, not from zero.
+
+    Without a store (records disabled) use SpendLedger: each replica then sees only its own traffic.
+    """
+
+    def __init__(self, store, refresh_s: float = 1.0):
+        self.store, self.refresh_s = store, refresh_s
+        self._sums: dict[float, dict[str, float]] = {}  # window_s -> user tier -> USD, as of the last read
+        self._read_at = -math.inf  # monotonic
+        self._local: list[tuple[float, str, float]] = []  # (wall time, user tier, USD) charged here since the read
+        self._reading: asyncio.Task | None = None
+
+    def add(self, user_tier: str, usd: float) -> None:
+        """A render this replica charged (its record already committed to the store)."""
+        if usd > 0:
+            self._local.append((time.time(), user_tier, usd))
+
+    def spent(self, user_tier: str, window_s: float) -> float:
+        """USD spent by this user tier in the last window_s seconds, as of the last read plus local charges since."""
+        base = self._sums.get(window_s, {}).get(user_tier, 0.0)
+        return round(base + sum(usd for _, tier, usd in self._local if tier == user_tier), 8)
+
+    async def refresh(self, windows: set[float]) -> None:
+        """Re-read the store's sums when the last read is older than refresh_s (one read at a time)."""
+        if time.monotonic() - self._read_at < self.refresh_s and windows <= set(self._sums):
+            return
+        if self._reading is None or self._reading.done():
+            self._reading = asyncio.ensure_future(self._read(sorted(windows)))
+        await asyncio.shield(self._reading)
+
+    async def _read(self, windows: list[float]) -> None:
+        started = time.time()
+        # A charge is added after its record commits, so every charge made before the read began is in the sums;
+        # charges from then on stay local (counted twice until the next read at worst: never under-counted).
+        sums = await asyncio.to_thread(lambda: {w: self.store.cost_by_user_tier(started - w) for w in windows})
+        self._sums, self._read_at = sums, time.monotonic()
+        self._local = [entry for entry in self._local if entry[0] >= started]

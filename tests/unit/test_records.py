@@ -597,3 +597,37 @@ def test_rendered_twice_lists_ids_with_two_successes(store):
     store.put({"id": "retried", "created": T0, "failed": True}, [])
     store.put({"id": "retried", "created": T0 + 1, "failed": False}, [])
     assert store.rendered_twice() == ["twice"]
+
+
+# ---- budget spend across ingress replicas ---------------------------------------------------------------------------
+
+
+def test_store_spend_sees_every_replica_and_counts_each_charge_once(root):
+    """Two ingress replicas' StoreSpend over one store (as the GPU profile's two ingress replicas share it)."""
+    import asyncio
+    import time
+
+    from graph.cost import StoreSpend
+
+    now = time.time()
+    with SqliteRenderStore(spec(root)) as a_store, SqliteRenderStore(spec(root)) as b_store:
+        a_store.put(rec("old", now - 2 * DAY, user_tier="pro", cost_usd=9.0), [])  # outside a 1-day window
+        a_store.put(rec("before", now - 60, user_tier="pro", cost_usd=1.0), [])  # before either replica read
+        a, b = StoreSpend(a_store, refresh_s=0.2), StoreSpend(b_store, refresh_s=0.2)
+
+        async def run() -> list[float]:
+            seen = []
+            await a.refresh({DAY}), await b.refresh({DAY})
+            seen += [a.spent("pro", DAY), b.spent("pro", DAY), a.spent("pro", 2 * DAY + 60)]
+            # Replica A renders: record committed first, then charged. A counts it at once, B after its next read.
+            a_store.put(rec("a1", time.time(), user_tier="pro", cost_usd=0.5), [])
+            a.add("pro", 0.5)
+            seen += [a.spent("pro", DAY), b.spent("pro", DAY)]
+            await asyncio.sleep(0.25)
+            await a.refresh({DAY}), await b.refresh({DAY})
+            seen += [a.spent("pro", DAY), b.spent("pro", DAY), a.spent("free", DAY)]
+            await a.refresh({DAY, 3 * DAY})  # a new window (a policy reload) is read at once, stale or not
+            seen.append(a.spent("pro", 3 * DAY))
+            return seen
+
+        assert asyncio.run(run()) == [1.0, 1.0, 0.0, 1.5, 1.0, 1.5, 1.5, 0.0, 10.5]
