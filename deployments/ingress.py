@@ -70,9 +70,11 @@ from graph.schemas import (
 from graph.trace import CAPACITY_REASONS, Trace, request_hash
 
 log = logging.getLogger("ray.serve")
-# The playground (web/): one page and its two assets, read once per replica; no build step, no CDN.
+# The playground (web/): one page and its two assets, read once per replica (at import), not per request on the
+# event loop; no build step, no CDN.
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 WEB_ASSETS = {"app.js": "text/javascript", "style.css": "text/css"}
+WEB_FILES = {name: (WEB_DIR / name).read_bytes() for name in ("index.html", *WEB_ASSETS)}
 app = make_app()
 
 
@@ -206,14 +208,14 @@ class Ingress:
     @app.get("/", include_in_schema=False)
     async def playground(self) -> HTMLResponse:
         """The playground and compare page (web/index.html)."""
-        return HTMLResponse((WEB_DIR / "index.html").read_text(), headers={"Cache-Control": "no-cache"})
+        return HTMLResponse(WEB_FILES["index.html"], headers={"Cache-Control": "no-cache"})
 
     @app.get("/static/{name}", include_in_schema=False)
     async def static(self, name: str) -> Response:
         """The page's script and stylesheet: a fixed list, so no path from the URL reaches the filesystem."""
         if name not in WEB_ASSETS:
             raise NotFound(f"no static file {name!r}; have {sorted(WEB_ASSETS)}", param="name")
-        return Response((WEB_DIR / name).read_bytes(), media_type=WEB_ASSETS[name],
+        return Response(WEB_FILES[name], media_type=WEB_ASSETS[name],
                         headers={"Cache-Control": "no-cache"})
 
     @app.get("/healthz")
