@@ -75,12 +75,12 @@ class StoreSpend:
         return round(base + sum(usd for _, tier, usd in self._local if tier == user_tier), 8)
 
     async def refresh(self, windows: set[float]) -> None:
-        """Re-read the store's sums when the last read is older than refresh_s (one read at a time)."""
-        if time.monotonic() - self._read_at < self.refresh_s and windows <= set(self._sums):
-            return
-        if self._reading is None or self._reading.done():
-            self._reading = asyncio.ensure_future(self._read(sorted(windows)))
-        await asyncio.shield(self._reading)
+        """Re-read the store's sums when the last read is older than refresh_s or lacks a window (one read at a
+        time: a caller joins the read in flight, and starts another if that one was for other windows)."""
+        while time.monotonic() - self._read_at >= self.refresh_s or not windows <= set(self._sums):
+            if self._reading is None or self._reading.done():
+                self._reading = asyncio.ensure_future(self._read(sorted(windows)))
+            await asyncio.shield(self._reading)
 
     async def _read(self, windows: list[float]) -> None:
         started = time.time()

@@ -631,3 +631,21 @@ def test_store_spend_sees_every_replica_and_counts_each_charge_once(root):
             return seen
 
         assert asyncio.run(run()) == [1.0, 1.0, 0.0, 1.5, 1.0, 1.5, 1.5, 0.0, 10.5]
+
+
+def test_store_spend_reads_a_window_asked_for_during_another_read(root):
+    """Two requests at once, the second with a window the read in flight does not cover (a policy reload)."""
+    import asyncio
+    import time
+
+    from graph.cost import StoreSpend
+
+    with SqliteRenderStore(spec(root)) as store:
+        store.put(rec("two-days", time.time() - 2 * DAY, user_tier="pro", cost_usd=2.0), [])
+        spend = StoreSpend(store)
+
+        async def run() -> tuple[float, float]:
+            await asyncio.gather(spend.refresh({DAY}), spend.refresh({DAY, 3 * DAY}))
+            return spend.spent("pro", DAY), spend.spent("pro", 3 * DAY)
+
+        assert asyncio.run(run()) == (0.0, 2.0)
