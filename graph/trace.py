@@ -18,7 +18,8 @@ CAPACITY_REASONS = ("overloaded", "shed", "deadline", "oom", "rate_limited", "re
 def blames_model(error: PrismError) -> bool:
     """Does a request's error count against the model that served it? The same line CAPACITY_REASONS draws for one
     attempt, drawn for the whole request: a 4xx is the client's (or its budget's), a 503/429 for capacity and a 504
-    past the deadline are load. What is left — 502 (the chain produced garbage, a stage failed) and 500 — is not."""
+    past the deadline are load. What is left blames the model: 502 (the chain produced garbage, a stage failed) and
+    500."""
     return error.status_code >= 500 and error.status_code not in (503, 504)
 
 
