@@ -43,26 +43,33 @@ serve: install check-config
 check-config: install
 	$(BIN)/python -m graph.config serve_config.yaml serve_config.gpu.yaml serve_config.hybrid.yaml
 
+# Tests run shuffled (pytest-randomly) in an order fixed by SEED, so a run is reproducible; `make test SEED=7` tries
+# another order. Unit tests go first in their own process (two workers, no Ray: a failure stops `make` before any Ray
+# starts), then one Ray Serve session for the integration suite, then the two-node cluster, then `serve run` as a user.
+SEED ?= 1
+PYTEST := $(BIN)/python -m pytest -p randomly --randomly-seed=$(SEED)
+
 test: install lint
-	$(BIN)/python -m pytest tests/unit tests/integration
-	$(BIN)/python -m pytest tests/cluster
-	$(BIN)/python -m pytest tests/e2e
+	$(PYTEST) tests/unit -n 2
+	$(PYTEST) tests/integration --durations=25
+	$(PYTEST) tests/cluster
+	$(PYTEST) tests/e2e
 
 lint: install
 	$(BIN)/ruff check .
 
 unit: install
-	$(BIN)/python -m pytest tests/unit
+	$(PYTEST) tests/unit -n 2
 
 integration: install
-	$(BIN)/python -m pytest tests/integration
+	$(PYTEST) tests/integration --durations=25
 
 e2e: install
-	$(BIN)/python -m pytest tests/e2e
+	$(PYTEST) tests/e2e
 
 # Two Ray nodes on loopback (one with logical GPUs): placement, losing the GPU node, getting it back.
 cluster: install
-	$(BIN)/python -m pytest tests/cluster
+	$(PYTEST) tests/cluster
 
 # Load tests (bounded, loopback only): start Prism on the simulated profile if it is not up, run Locust
 # headless, check loadtests/targets.yaml, stop what was started. Exit non-zero on a missed target.

@@ -5,9 +5,11 @@ never returned silently. Runs at the final size, after the upscaler, so the glyp
 """
 
 import asyncio
+import os
 
 from ray import serve
 
+from engines.faults import FaultInjectingMisreadOcr
 from engines.ocr import build_ocr, check_text
 from engines.typography import TextDoesNotFit, choose_layout, compose
 from graph.schemas import TypographySpec
@@ -26,6 +28,8 @@ class Typography:
 
     def _render_all(self, images: list, text: str, prompt: str) -> dict:
         out, checks, tried = [], [], 0
+        marker = self.spec.fault_misread_marker_path  # tests only: an injected OCR miss
+        ocr = FaultInjectingMisreadOcr() if marker and os.path.exists(marker) else self.ocr
         for img in images:
             for safe in (False, True):
                 tried += 1
@@ -33,7 +37,7 @@ class Typography:
                     composed = compose(img, text, choose_layout(prompt, safe=safe))
                 except TextDoesNotFit as e:
                     return {"error": "text_does_not_fit", "detail": str(e)}
-                check = check_text(self.ocr, composed, text, self.spec.max_cer)
+                check = check_text(ocr, composed, text, self.spec.max_cer)
                 if check.passed:
                     break
             out.append(composed)

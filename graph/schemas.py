@@ -192,6 +192,8 @@ class TypographySpec(BaseModel):
     gpu: bool = Field(default=False, description="easyocr on CUDA (GPU profile).")
     max_cer: float = Field(default=0.0, ge=0.0, le=1.0,
                            description="Largest character error rate (after case/space normalisation) that passes.")
+    fault_misread_marker_path: str | None = Field(
+        default=None, description="Fault injection for tests: while this file exists, OCR misreads every text.")
 
 
 @dataclass

@@ -15,7 +15,9 @@ import uuid
 import httpx
 import pytest
 
-PORT = int(os.environ.get("PRISM_CLUSTER_TEST_PORT", "18300"))
+from tests.isolation import free_port
+
+PORT = int(os.environ.get("PRISM_CLUSTER_TEST_PORT") or free_port(18300))
 BASE = f"http://127.0.0.1:{PORT}"
 # The "GPU model": a simulated engine (its weights are not on this machine) asking for half a logical GPU.
 GPU_TIER = {"kind": "simulated", "name": "sim-gpu-model", "native_size": 64, "steps": 4, "latency_ms_p50": 300,
@@ -60,7 +62,7 @@ def cluster():
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 0, "include_dashboard": False,
                                                       "resources": {"head": 1}})
     worker = c.add_node(num_cpus=1, num_gpus=2)
-    ray.init(address=c.address, namespace="serve", log_to_driver=False)
+    ray.init(address=c.address, namespace="serve", log_to_driver=False)  # the cluster this test started
     try:
         config = app_config()
         client = serve_api.serve_start(http_options=config["http_options"], proxy_location="HeadOnly")
@@ -109,7 +111,7 @@ def test_gpu_tier_on_gpu_node_and_survives_losing_it(cluster):
     # Load on the GPU route while the GPU node dies.
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         futures = [pool.submit(_gen) for _ in range(4)]
-        time.sleep(0.2)
+        _wait_gpu_inflight()  # the node dies holding renders, not before they reached it
         c.remove_node(worker, allow_graceful=False)
         futures += [pool.submit(_gen) for _ in range(8)]
         answers = [f.result() for f in futures]  # every request answers (httpx would raise on a hang: 60 s)
@@ -138,4 +140,14 @@ def test_gpu_tier_on_gpu_node_and_survives_losing_it(cluster):
         pytest.fail(f"GPU tier never came back: {r.status_code} {r.text[:300]}")
     assert _tier_nodes()["gpu"] == new_worker.node_id
     assert _tier_nodes()["cpu"] in (head_id, new_worker.node_id)
-    assert ray.is_initialized()
+    # The removed node is really gone from the cluster (the test did not pass on a node that never died).
+    assert not next(n for n in ray.nodes() if n["NodeID"] == worker.node_id)["Alive"]
+
+
+def _wait_gpu_inflight(timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if httpx.get(f"{BASE}/v1/load", timeout=10).json()["tiers"]["gpu"]["inflight"] > 0:
+            return
+        time.sleep(0.02)
+    pytest.fail("no render reached the GPU tier")

@@ -5,7 +5,6 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,50 +15,54 @@ import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[2]
-BASE = "http://127.0.0.1:8000"
 CURL_BODY = '{"prompt":"a poster that says \\"GRAND OPENING\\"","size":"256x256"}'
-
-
-def _port_open(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    if _port_open(8000):
-        pytest.fail("port 8000 is in use: stop the running `make serve` before the e2e tests")
+    """`serve run` of serve_config.yaml as a user runs it, on a free port instead of 8000 (a user's own `make serve`
+    may hold 8000) and always on a new Ray instance of its own (`--address local`), never the user's."""
+    import yaml
+
+    from tests.isolation import free_port, kill_pids, pids_using
+
+    port = free_port(18100)
+    config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    config["http_options"]["port"] = port  # the only change to the shipped profile
+    profile = tmp_path_factory.mktemp("profile") / "serve_config.yaml"
+    profile.write_text(yaml.safe_dump(config, sort_keys=False))
+    base = f"http://127.0.0.1:{port}"
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     serve_bin = Path(sys.executable).parent / "serve"
+    env = {**os.environ, "PRISM_RECORDS_DIR": str(tmp_path_factory.mktemp("records"))}
     with open(log, "wb") as out:
-        proc = subprocess.Popen([str(serve_bin), "run", "serve_config.yaml"], cwd=ROOT, stdout=out,
-                                stderr=subprocess.STDOUT,
-                                env={**os.environ, "PRISM_RECORDS_DIR": str(tmp_path_factory.mktemp("records"))})
+        proc = subprocess.Popen([str(serve_bin), "run", "--address", "local", str(profile)], cwd=ROOT, stdout=out,
+                                stderr=subprocess.STDOUT, env=env)
     try:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
             assert proc.poll() is None, f"serve run exited early:\n{log.read_text()[-3000:]}"
             try:
                 # /v1/route needs the ingress and the classifier: the app is really up.
-                if httpx.post(f"{BASE}/v1/route", json={"prompt": "an app icon"}, timeout=5).status_code == 200:
+                if httpx.post(f"{base}/v1/route", json={"prompt": "an app icon"}, timeout=5).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
             time.sleep(1)
         else:
             pytest.fail(f"serve run not answering after 240 s:\n{log.read_text()[-3000:]}")
-        yield proc
+        yield base
     finally:
         proc.send_signal(signal.SIGTERM)  # serve run ignores SIGINT in the background; SIGTERM stops it
         try:
             proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:  # only then take down the cluster it started
+        except subprocess.TimeoutExpired:  # only then: its Ray processes, found by this session's own Ray dir
             proc.kill()
-            subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True)
+            kill_pids(pids_using(os.environ["RAY_TMPDIR"]))
 
 
 def test_readme_curl_returns_typography_png(served):
-    out = subprocess.run(["curl", "-s", f"{BASE}/v1/images/generations", "-H", "content-type: application/json",
+    out = subprocess.run(["curl", "-s", f"{served}/v1/images/generations", "-H", "content-type: application/json",
                           "-d", CURL_BODY], capture_output=True, timeout=180, check=True)
     body = json.loads(out.stdout)
     assert body["prism"]["tier"] == "typography", body.get("prism")
@@ -71,7 +74,7 @@ def test_readme_curl_returns_typography_png(served):
 def test_readme_openai_sdk_example(served):
     from openai import OpenAI
 
-    client = OpenAI(base_url=f"{BASE}/v1", api_key="unused")
+    client = OpenAI(base_url=f"{served}/v1", api_key="unused")
     result = client.images.generate(prompt="a teal to purple gradient background", size="512x512",
                                     response_format="b64_json")
     img = Image.open(io.BytesIO(base64.b64decode(result.data[0].b64_json)))
@@ -79,8 +82,9 @@ def test_readme_openai_sdk_example(served):
     assert result.model_extra["prism"]["route"] == "fast"
 
 
-def test_a_red_star_on_a_blue_background_reads_as_one(served):
-    """The built-in models follow the prompt: an independent checker reads the served PNG (engines/shapes.py)."""
+def test_a_red_star_on_a_blue_background_comes_back_red_on_blue(served):
+    """The built-in models follow the prompt's colours: an independent checker reads the served PNG
+    (engines/shapes.py). Only colours: the outline is not reliably a star yet (issue: shapes, not blobs)."""
     import numpy as np
 
     from engines import shapes
@@ -88,7 +92,7 @@ def test_a_red_star_on_a_blue_background_reads_as_one(served):
     scene = shapes.Scene("solid", ("blue",), shape="star", color="red")
     reads = []
     for seed in (1, 2, 3, 4):
-        r = httpx.post(f"{BASE}/v1/images/generations", timeout=120,
+        r = httpx.post(f"{served}/v1/images/generations", timeout=120,
                        json={"prompt": "a red star on a blue background", "size": "512x512", "seed": seed})
         assert r.status_code == 200, r.text
         body = r.json()

@@ -14,18 +14,24 @@ import httpx
 import pytest
 
 from graph.config import ROOT, load_serve_config
+from tests.isolation import free_port
 
-PORT = int(os.environ.get("PRISM_TEST_PORT", "18000"))
+# PRISM_TEST_PORT, or 18000 when free, or any free port: never a port a running Prism (8000) holds.
+# Kept in the environment: test modules import this file a second time (as tests.integration.conftest), and both
+# copies must agree on the ports.
+PORT = int(os.environ.setdefault("PRISM_TEST_PORT", str(free_port(18000))))
 # The held fake appends a line here each time a batch starts running on its replica.
 HELD_LOG = os.path.join(tempfile.gettempdir(), f"prism-held-{os.getpid()}.log")
 # The dying fake exits unless this file exists (it writes it first); the sick fake fails probes while it exists.
 DIE_MARKER = os.path.join(tempfile.gettempdir(), f"prism-die-{os.getpid()}.marker")
 SICK_MARKER = os.path.join(tempfile.gettempdir(), f"prism-sick-{os.getpid()}.marker")
 INTENT_HANG_MARKER = os.path.join(tempfile.gettempdir(), f"prism-intent-hang-{os.getpid()}.marker")
+# While this file exists the faults app's OCR misreads every text (the typography miss -> 502 path over HTTP).
+OCR_MISREAD_MARKER = os.path.join(tempfile.gettempdir(), f"prism-ocr-misread-{os.getpid()}.marker")
 APPS = ("prism", "faults")
 # Ray's per-node metrics agent serves ray.serve.metrics here (Prometheus text), as `ray start
 # --metrics-export-port` does on a cluster.
-METRICS_PORT = PORT + 999
+METRICS_PORT = int(os.environ.setdefault("PRISM_TEST_METRICS_PORT", str(free_port(PORT + 999))))
 REMOTE_KEY_ENV = "PRISM_TEST_REMOTE_KEY"
 # Each app records its renders under its own folder of this session's temp dir.
 RECORDS_DIR = tempfile.mkdtemp(prefix="prism-records-")
@@ -37,9 +43,16 @@ def _fake(fault: str, **kw) -> dict:
             "steps": 2, "guidance": 3.0, "cost": {"usd_per_second": 0.001}, **kw}
 
 
-# Probed every second (2 consecutive failures replace it); drained for up to 30 s when a redeploy replaces it.
-CHAOS_OPTIONS = {"sick": {"health_check_period_s": 1, "health_check_timeout_s": 10},
-                 "slowish": {"graceful_shutdown_wait_loop_s": 1, "graceful_shutdown_timeout_s": 30}}
+# sick: probed every second (2 consecutive failures replace it), stopped at once. slowish: drained for up to 30 s
+# when a redeploy replaces it. scales: one render at a time per replica, scaled on it within a second or two.
+TIER_OPTIONS = {
+    "sick": {"health_check_period_s": 1, "health_check_timeout_s": 10, "graceful_shutdown_timeout_s": 1},
+    "slowish": {"graceful_shutdown_wait_loop_s": 1, "graceful_shutdown_timeout_s": 30},
+    "scales": {"max_ongoing_requests": 1, "graceful_shutdown_timeout_s": 1,
+               "autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
+                                      "upscale_delay_s": 0.5, "downscale_delay_s": 2, "metrics_interval_s": 0.5,
+                                      "look_back_period_s": 1}},
+}
 
 
 def faults_app(base_app: dict) -> dict:
@@ -60,6 +73,10 @@ def faults_app(base_app: dict) -> dict:
         "dies": _fake("die", fault_marker_path=DIE_MARKER),
         "sick": _fake("unhealthy", fault_marker_path=SICK_MARKER, health_failures_to_replace=2),
         "slowish": _fake("sleep", fault_sleep_s=4.0, max_batch_size=1),
+        # Killed mid-render by the chaos burst (its own tier: the other tests' replicas are left alone).
+        "chaos": _fake("sleep", fault_sleep_s=1.5, max_batch_size=4),
+        # Autoscales 1 -> 2 -> 1 under a few seconds of load (short delays below).
+        "scales": _fake("sleep", fault_sleep_s=2.0, max_batch_size=1),
         # A hosted tier whose "provider" is this Prism itself (the OpenAI Images API it serves): the `openai`
         # kind end to end through real HTTP. Its key variable is set below; Prism ignores the bearer token.
         "prism_remote": {"kind": "openai", "name": "prism-over-openai-api", "provider_model": "ok",
@@ -97,14 +114,15 @@ def faults_app(base_app: dict) -> dict:
                                                                  "budgets": budgets}}},
         {"name": "IntentClassifier", **small}, {"name": "Upscaler", **small}, {"name": "Typography", **small},
     ] + [{"name": f"Generator_{t}", **(gpu if t in GPU_TIERS else small), "max_ongoing_requests": 16,
-          **CHAOS_OPTIONS.get(t, {})} for t in tiers if t != "held"] + [
+          **TIER_OPTIONS.get(t, {})} for t in tiers if t != "held"] + [
         # One running, one queued, the next rejected by Serve: the queue filled deterministically.
         {"name": "Generator_held", **small, "max_ongoing_requests": 1, "max_queued_requests": 1}]
     return {"name": "faults", "route_prefix": "/faults", "import_path": base_app["import_path"],
             "args": {"profile": "faults", "max_width": 256, "max_height": 256, "tiers": tiers,
                      "records": {"dir": os.path.join(RECORDS_DIR, "faults")},
                      "intent": {"timeout_s": 3, "fault_marker_path": INTENT_HANG_MARKER},
-                     "post": {"backend": "realesrgan"}, "typography": {"ocr": "rapidocr", "max_cer": 1.0}},
+                     "post": {"backend": "realesrgan"}, "typography": {"ocr": "rapidocr", "max_cer": 1.0,
+                                                              "fault_misread_marker_path": OCR_MISREAD_MARKER}},
             "deployments": deployments}
 
 
@@ -148,7 +166,8 @@ def deployer():
     config["applications"].append(faults_app(config["applications"][0]))
     # 2 logical CPUs for the real profile (as on this machine) + a little for the fault app's light fakes.
     os.environ.setdefault(REMOTE_KEY_ENV, "prism-test-key-4f1c")  # the replicas inherit it
-    ray.init(num_cpus=3, num_gpus=2, include_dashboard=False, namespace="serve", log_to_driver=False,
+    # address="local": always a new Ray instance of our own, never the user's `ray start` cluster (tests/conftest.py).
+    ray.init(address="local", num_cpus=3, num_gpus=2, include_dashboard=False, namespace="serve", log_to_driver=False,
              _metrics_export_port=METRICS_PORT)
     try:
         client = serve_api.serve_start(http_options=config["http_options"], proxy_location=config["proxy_location"])

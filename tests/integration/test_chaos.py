@@ -81,7 +81,7 @@ def test_a_wedged_intent_classifier_costs_a_degraded_route_not_the_render(http):
     assert again.json()["intent"]["source"] == "classifier", again.text
 
 
-def test_redeploy_drains_in_flight_renders(deployer, base_url):
+def test_redeploy_drains_in_flight_renders(deployer, base_url, http):
     """Replicas replaced by a redeploy finish what they hold (graceful shutdown): nothing accepted is lost."""
     def render(i: int) -> int:
         with httpx.Client(base_url=base_url, timeout=120) as c:
@@ -89,13 +89,19 @@ def test_redeploy_drains_in_flight_renders(deployer, base_url):
 
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         futures = [pool.submit(render, i) for i in range(4)]
-        time.sleep(1.0)  # the renders are running (each holds 4 s)
+        deadline = time.monotonic() + 30
+        while _tier_info(http, "slowish")["stats"]["running"] < 4:  # all four are on the replica (one renders)
+            assert time.monotonic() < deadline, "the renders never reached the slowish replica"
+            time.sleep(0.05)
         config = deployer.config_copy()
         faults = next(a for a in config["applications"] if a["name"] == "faults")
         dep = next(d for d in faults["deployments"] if d["name"] == "Generator_slowish")
         dep["ray_actor_options"] = {"num_cpus": 0.03}  # a new replica version: the old one is drained and stopped
-        deployer.deploy(config)
-        codes = [f.result() for f in futures]
+        try:
+            deployer.deploy(config)
+            codes = [f.result() for f in futures]
+        finally:
+            deployer.deploy(deployer.config_copy())  # back to the session's config for the tests that follow
     assert codes == [200] * 4, codes
 
 
@@ -108,10 +114,28 @@ def _kill(match: str, restart: bool = False) -> str:
     return names[0]
 
 
+def _kill_mid_render(http, tier: str, timeout_s: float = 60) -> str:
+    """Kill the tier's replica once the replica itself reports a render running: the kill hits in-flight work."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            info = http.get("/faults/v1/tiers", timeout=10).json()[tier]
+        except (httpx.HTTPError, ValueError):
+            info = {}
+        if info.get("stats", {}).get("running", 0) > 0:  # this replica (by id) holds a render now
+            return _kill(f"faults#Generator_{tier}#{info['replica']}")
+        time.sleep(0.05)
+    pytest.fail(f"no render ever ran on tier {tier} to kill it under")
+
+
+CHAOS_MIN_SUCCESS = 0.9  # replica deaths are retried on a replacement or the fallback: nearly every request is a 200
+
+
 def test_short_chaos_burst_loses_nothing(base_url, http):
     """make test's version of `make chaos` (no proxy kill: that one drops the client connections it holds, see
-    RESULTS.md): traffic on the faults app while its generator, upscaler, intent replicas and the Serve controller
-    are killed. Every request gets a final answer: a 200, or a clean 5xx/503 naming its request id."""
+    RESULTS.md): traffic on the faults app while its generator replica is killed twice mid-render and the Serve
+    controller once. Every request gets a final answer naming its request id; at least 90% are 200; each replica
+    kill hit a render in flight (its request shows the replica_died retry)."""
     import threading
 
     rows, stop = [], threading.Event()
@@ -119,44 +143,49 @@ def test_short_chaos_burst_loses_nothing(base_url, http):
     def client(i: int) -> None:
         with httpx.Client(base_url=base_url, timeout=90) as c:
             while not stop.is_set():
-                rid = f"chaos-{i}-{len(rows)}"
+                rid, started = f"chaos-{i}-{len(rows)}", time.monotonic()
                 try:
                     r = c.post("/faults/v1/images/generations", headers={"X-Request-ID": rid},
-                               json={"prompt": "a red star", "model": "ok", "size": "64x64"})
+                               json={"prompt": "a red star", "model": "chaos", "size": "64x64"})
                     body = r.json()
                     err = body.get("error", {})
+                    prism = body.get("prism", {})
                     rows.append((r.status_code, err.get("request_id") if r.status_code != 200
-                                 else body["prism"]["request_id"], rid, err.get("message", "")[:160]))
+                                 else prism["request_id"], rid, [f["reason"] for f in prism.get("fallbacks", [])],
+                                 started))
                 except httpx.HTTPError as e:
-                    rows.append(("lost", type(e).__name__, rid, ""))
+                    rows.append(("lost", type(e).__name__, rid, [], started))
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(3)]
     for t in threads:
         t.start()
+    def answered_after_death(started_after: float, timeout_s: float = 60) -> float:
+        """Wait for a 200 of a request sent after `started_after` that outlived a replica kill; when it came."""
+        deadline = time.monotonic() + timeout_s
+        while not any(r[0] == 200 and "replica_died" in r[3] and r[4] > started_after for r in rows):
+            assert time.monotonic() < deadline, f"no render that outlived a replica kill was answered: {rows}"
+            time.sleep(0.1)
+        return time.monotonic()
+
     killed = []
     try:
-        for match in ("faults#Generator_ok#", "faults#Upscaler#", "faults#IntentClassifier#"):
-            time.sleep(3)
-            killed.append(_kill(match))
-        time.sleep(3)
+        killed.append(_kill_mid_render(http, "chaos"))
+        first_kill = time.monotonic()
+        # The killed renders ran again on the replacement; a second kill before then would hit them once more.
+        answered_after_death(0.0)
         killed.append(_kill("SERVE_CONTROLLER_ACTOR", restart=True))
-        time.sleep(8)
+        killed.append(_kill_mid_render(http, "chaos"))  # the replacement, holding renders sent after the first kill
+        answered_after_death(first_kill + 0.5)  # sent after the first kill (and its news) reached the ingress
     finally:
         stop.set()
         for t in threads:
             t.join(timeout=120)
     lost = [r for r in rows if r[0] == "lost"]
     assert not lost, lost
-    assert all(answered == rid for _, answered, rid, _ in rows), rows  # every answer names its request
-    assert len(rows) >= 6, rows
-    # Recovered: once the replacements are up (on 2 busy cores that can outlast the burst), the route serves again.
-    deadline, last = time.monotonic() + 120, None
-    while time.monotonic() < deadline:
-        last = httpx.post(f"{base_url}/faults/v1/images/generations", timeout=60,
-                          json={"prompt": "a red star", "model": "ok", "size": "64x64"})
-        if last.status_code == 200:
-            break
-        time.sleep(2)
-    assert last.status_code == 200, (killed, rows[-10:], last.text)
+    assert all(r[1] == r[2] for r in rows), rows  # every answer names its request
     # 502 a stage's replica died twice, 503 no replica could take it, 504 past the deadline; never a bug's 500.
-    assert all(code in (200, 502, 503, 504) for code, _, _, _ in rows), rows
+    assert all(r[0] in (200, 502, 503, 504) for r in rows), rows
+    ok = sum(1 for r in rows if r[0] == 200)
+    assert ok >= CHAOS_MIN_SUCCESS * len(rows) and len(rows) >= 6, (killed, rows)
+    # Each replica kill hit in-flight renders, rendered again on a live replica (answered_after_death, above).
+    assert len(killed) == 3, killed

@@ -42,6 +42,12 @@ def test_intent_reaches_tier_and_route_agrees(http, body, intent, tier):
     assert r.headers["x-request-id"] == prism["request_id"]
     assert set(prism["timings_ms"]) >= {"intent", "route", "generate", "post", "total"}
     assert prism["cost_usd"] > 0 and prism["model_version"].startswith("builtin-")
+    if intent == "typography":  # the main app's OCR check is exact (max_cer 0): it read back the quoted text
+        ocr = prism["ocr"]
+        assert ocr["passed"] is True and ocr["cer"] == 0.0 and ocr["expected"] == "GRAND OPENING", ocr
+        assert ocr["read"].replace(" ", "").upper() == "GRANDOPENING", ocr
+    else:
+        assert prism["ocr"] is None
 
 
 def test_n_images_and_seed_are_reproducible(http):

@@ -108,11 +108,28 @@ def _routes(deployer, config):
     return deployment_block(app, "Ingress")["user_config"]["routing"]
 
 
-def test_canary_split_is_sticky_and_rolls_back_on_failures(deployer, http):
-    users = [f"u{i}" for i in range(200)]
+@pytest.fixture
+def fresh_canary(deployer, http):
+    """The canary route with a window of its own: a weight no earlier deploy used starts a new monitor (reconfigure
+    keeps a monitor only for the same tier and weight), so a rollback left by an earlier run does not leak in."""
+    config = deployer.config_copy()
+    routing = _routes(deployer, config)
+    routing["version"] = f"faults-canary-{uuid.uuid4().hex[:6]}"
+    routing["routes"]["canary"]["canary"]["weight"] = 49
+    deployer.deploy(config)
+    try:
+        _wait_version(http, routing["version"])
+        yield
+    finally:
+        deployer.deploy(deployer.config_copy())  # the base weight (50): a fresh monitor again for later tests
+        _wait_version(http, "faults-1")
+
+
+def test_canary_split_is_sticky_and_rolls_back_on_failures(fresh_canary, http):
+    users = [f"u{i}" for i in range(100)]
     sides = {u: http.post("/faults/v1/route", json={"prompt": PROMPT, "model": "canary"},
                           headers={"X-Request-ID": u}).json()["decision"]["canary"] for u in users}
-    assert 0.35 < sum(sides.values()) / len(users) < 0.65
+    assert 0.3 < sum(sides.values()) / len(users) < 0.7
     assert all(http.post("/faults/v1/route", json={"prompt": PROMPT, "model": "canary"},
                          headers={"X-Request-ID": u}).json()["decision"]["canary"] == sides[u] for u in users[:20])
     canary_users = [u for u, c in sides.items() if c]
@@ -159,13 +176,19 @@ def _wait_version(http, version, timeout_s=60):
 
 
 def test_budget_downgrades_or_refuses(http):
+    """Tiny budgets (conftest): a pro user's first render spends theirs, and later ones are downgraded; an enterprise
+    user's is refused. An earlier test may already have spent a tier's budget (budgets are per user tier and the
+    session shares them), so the first render of each tier is allowed to be the one already past it."""
     first = _gen(http, user_tier="pro", model="garbage")
-    assert first.status_code == 200 and first.json()["prism"]["route"] == "garbage"
+    assert first.status_code == 200, first.text
+    if not first.json()["prism"]["degraded"]:  # this render spent the budget on the route it asked for
+        assert first.json()["prism"]["route"] == "garbage" and first.json()["prism"]["cost_usd"] > 0
     second = _gen(http, user_tier="pro", model="garbage", seed=12)
     prism = second.json()["prism"]
     assert (prism["route"], prism["degraded"], prism["fallbacks"]) == ("ok", True, [])
     assert any("budget" in n for n in prism["notes"])
-    assert _gen(http, user_tier="enterprise").status_code == 200
+    spend = _gen(http, user_tier="enterprise")
+    assert spend.status_code in (200, 429), spend.text
     refused = _gen(http, user_tier="enterprise", seed=12)
     assert refused.status_code == 429 and refused.headers["retry-after"] == "60"
     assert refused.json()["error"]["code"] == "budget_exceeded"
@@ -173,6 +196,7 @@ def test_budget_downgrades_or_refuses(http):
 
 def test_stats_and_cost_sums(http):
     rids = [f"cost-{uuid.uuid4().hex[:8]}" for _ in range(2)]
+    assert _gen(http, model="all_bad").status_code == 502  # this test's own failed render
     costs = [_gen(http, rid=rid, model="ok", seed=20 + i).json()["prism"]["cost_usd"] for i, rid in enumerate(rids)]
     assert all(c > 0 for c in costs)
     recs = [http.get(f"/faults/v1/renders/{rid}").json() for rid in rids]
@@ -215,7 +239,10 @@ def test_retry_while_in_flight_waits_for_the_one_render(base_url, http):
 
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         first = pool.submit(post)
-        time.sleep(1.0)
+        deadline = time.monotonic() + 30
+        while http.get("/faults/v1/load").json()["tiers"]["slowish"]["inflight"] == 0:  # the first is rendering
+            assert time.monotonic() < deadline, "the first request never reached its tier"
+            time.sleep(0.02)
         second = pool.submit(post)
         a, b = first.result(), second.result()
     assert a.status_code == b.status_code == 200, (a.text, b.text)

@@ -1,0 +1,80 @@
+"""loadtests/check.py, the load-test gate, on synthetic Locust stats CSVs: it passes what meets the targets and fails,
+naming the target, what does not."""
+
+import csv
+
+import pytest
+
+from loadtests import check
+
+# The columns Locust's --csv writes to *_stats.csv (the ones the checker reads, plus a few it must ignore).
+COLUMNS = ["Type", "Name", "Request Count", "Failure Count", "Median Response Time", "Average Response Time",
+           "50%", "95%", "99%", "100%"]
+TARGETS = {"min_requests": 100, "max_error_ratio": 0.0, "max_503_ratio": 0.5, "max_503_p99_ms": 50,
+           "routes": {"fast": {"p50_ms": 2500, "p95_ms": 8000}, "premium": {"p50_ms": 10000, "p95_ms": 25000}}}
+
+
+def row(type_: str, name: str, count: int, failures: int = 0, p50: float = 0, p95: float = 0, p99: float = 0):
+    return {"Type": type_, "Name": name, "Request Count": count, "Failure Count": failures,
+            "Median Response Time": p50, "Average Response Time": p50, "50%": p50, "95%": p95, "99%": p99,
+            "100%": p99}
+
+
+def good_run() -> list[dict]:
+    return [row("POST", "gen:icon", 80), row("POST", "gen:hero", 40), row("route", "fast", 70, p50=900, p95=2000),
+            row("route", "premium", 20, p50=4000, p95=9000), row("503", "icon", 30, p50=8, p99=30),
+            row("", "Aggregated", 240, p50=500, p95=4000, p99=9000)]
+
+
+def write(tmp_path, rows: list[dict]):
+    path = tmp_path / "loadtest_stats.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def run(tmp_path, rows, capsys) -> tuple[int, str]:
+    targets = tmp_path / "targets.yaml"
+    import yaml
+
+    targets.write_text(yaml.safe_dump({"sim": TARGETS}))
+    code = check.main([str(write(tmp_path, rows)), "--profile", "sim", "--targets", str(targets)])
+    return code, capsys.readouterr().out
+
+
+def test_a_run_that_meets_every_target_passes(tmp_path, capsys):
+    code, out = run(tmp_path, good_run(), capsys)
+    assert code == 0, out
+    assert out.strip().endswith("PASS") and "MISS" not in out
+
+
+def _with(rows: list[dict], name: str, **changes) -> list[dict]:
+    return [{**r, **changes} if r["Name"] == name else r for r in rows]
+
+
+MISSES = [
+    pytest.param(lambda rows: _with(rows, "gen:icon", **{"Failure Count": 1}),
+                 "error ratio (not 200, not designed 503)", id="one_error"),
+    pytest.param(lambda rows: _with(rows, "icon", **{"99%": 51}), "503 p99 ms", id="slow_rejection"),
+    pytest.param(lambda rows: _with(rows, "icon", **{"Request Count": 130}), "503 ratio", id="too_many_503"),
+    pytest.param(lambda rows: _with(rows, "fast", **{"95%": 8001}), "route fast p95 ms", id="route_p95"),
+    pytest.param(lambda rows: _with(rows, "premium", **{"50%": 10001}), "route premium p50 ms", id="route_p50"),
+    pytest.param(lambda rows: _with(rows, "gen:hero", **{"Request Count": 10}), "requests",
+                 id="too_few_requests"),
+]
+
+
+@pytest.mark.parametrize("spoil,label", MISSES)
+def test_a_missed_target_fails_and_is_named(tmp_path, capsys, spoil, label):
+    code, out = run(tmp_path, spoil(good_run()), capsys)
+    assert code == 1, out
+    missed = [line for line in out.splitlines() if line.startswith("MISS")]
+    assert len(missed) == 1 and missed[0].startswith(f"MISS {label}:"), out
+    assert out.strip().endswith("FAIL: 1 target(s) missed")
+
+
+def test_a_route_without_200s_is_reported_not_failed(tmp_path, capsys):
+    code, out = run(tmp_path, [r for r in good_run() if r["Name"] != "premium"], capsys)
+    assert code == 0 and "route premium: no 200s in this run" in out
