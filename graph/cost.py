@@ -83,6 +83,14 @@ def price_card(cost: dict | None) -> dict | None:
     return card
 
 
+def model_price(name: str, tier_specs: dict, policy) -> dict:
+    """{"price": {...}} for a /v1/models id (a tier, a route or a model alias) whose tier has a list price; {} else."""
+    target = policy.model_aliases.get(name, name)
+    tier = policy.routes[target].tier if target in policy.routes else target
+    card = price_card((tier_specs.get(tier) or {}).get("cost"))
+    return {"price": {"tier": tier, **card}} if card else {}
+
+
 class SpendLedger:
     """Spend per user tier in one-minute buckets, summed over a rolling window (budgets, `/v1/stats`).
 

@@ -93,9 +93,9 @@ class Verdict:
                 f"{e.successor!r} before then (source: {e.source})")
 
 
-def lifecycle(kind: str, model: str, today: dt.date, catalogue: tuple[Retirement, ...] = CATALOGUE) -> Verdict:
+def lifecycle(kind: str, model: str, today: dt.date, catalogue: tuple[Retirement, ...] | None = None) -> Verdict:
     """The model's status on `today`. Example: ("openai", "dall-e-3", 2026-12-03) -> retired since 2026-05-12."""
-    entry = next((e for e in catalogue if e.matches(kind, model)), None)
+    entry = next((e for e in (CATALOGUE if catalogue is None else catalogue) if e.matches(kind, model)), None)
     if entry is None:
         return Verdict("active")
     return Verdict("retired" if entry.shutdown <= today else "announced", entry)
