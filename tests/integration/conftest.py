@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from graph.config import ROOT, load_serve_config
+from tests.integration.hosted_standins import hosted_standins, hosted_tiers
 
 PORT = int(os.environ.get("PRISM_TEST_PORT", "18000"))
 # The held fake appends a line here each time a batch starts running on its replica.
@@ -42,7 +43,7 @@ CHAOS_OPTIONS = {"sick": {"health_check_period_s": 1, "health_check_timeout_s": 
                  "slowish": {"graceful_shutdown_wait_loop_s": 1, "graceful_shutdown_timeout_s": 30}}
 
 
-def faults_app(base_app: dict) -> dict:
+def faults_app(base_app: dict, extra_tiers: dict | None = None) -> dict:
     """A second app on /faults: the same graph with fault-injecting generator tiers, each falling back to a
     real built-in model (`ok`). Light: the fakes import no torch. Its typography stage accepts any OCR read
     (max_cer 1.0): OCR strictness is tested on the main app and in unit tests; this app tests the HTTP surface."""
@@ -66,6 +67,7 @@ def faults_app(base_app: dict) -> dict:
                          "base_url": f"http://127.0.0.1:{PORT}/faults", "api_key_env": REMOTE_KEY_ENV,
                          "native_size": 64, "send_seed": True, "timeout_s": 30, "max_batch_size": 4,
                          "cost": {"usd_per_image": 0.01}},
+        **(extra_tiers or {}),  # hosted kinds against their providers' stand-ins (hosted_standins.py)
     }
     routes = {name: {"tier": name, "fallbacks": ["ok"], "max_latency_ms": 20000} for name in tiers}
     routes.update({
@@ -137,7 +139,15 @@ class Deployer:
 
 
 @pytest.fixture(scope="session")
-def deployer():
+def standins():
+    """The hosted providers' stand-ins, served for the whole session: {kind: (base_url, Standin)}."""
+    os.environ.setdefault(REMOTE_KEY_ENV, "prism-test-key-4f1c")  # the replicas inherit it
+    with hosted_standins(os.environ[REMOTE_KEY_ENV]) as served:
+        yield served
+
+
+@pytest.fixture(scope="session")
+def deployer(standins):
     import ray
     from ray import serve
     from ray.serve._private import api as serve_api
@@ -145,7 +155,7 @@ def deployer():
     config = load_serve_config(ROOT / "serve_config.yaml")
     config["http_options"]["port"] = PORT
     config["applications"][0]["args"]["records"]["dir"] = os.path.join(RECORDS_DIR, "prism")
-    config["applications"].append(faults_app(config["applications"][0]))
+    config["applications"].append(faults_app(config["applications"][0], hosted_tiers(standins, REMOTE_KEY_ENV)))
     # 2 logical CPUs for the real profile (as on this machine) + a little for the fault app's light fakes.
     os.environ.setdefault(REMOTE_KEY_ENV, "prism-test-key-4f1c")  # the replicas inherit it
     ray.init(num_cpus=3, num_gpus=2, include_dashboard=False, namespace="serve", log_to_driver=False,
