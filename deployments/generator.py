@@ -5,9 +5,13 @@ n prompts; jobs with different step/guidance settings run as separate groups. Ev
 (engines/checks.py) before it leaves the replica; a failed check or an exception comes back as a
 GenerateResult with `failure` set, so the ingress can walk the route's fallback chain. Out of memory on a
 batch splits the batch in halves and retries the parts before giving up (seed 003).
+
+A hosted tier whose provider says its model is gone (`model_retired`) stays unavailable on this replica: /v1/tiers
+shows why (info()), the gauge prism_model_unavailable says so, and every render fails fast to the fallbacks.
 """
 
 import asyncio
+import logging
 import time
 
 import ray
@@ -16,7 +20,10 @@ from ray import serve
 from engines.checks import OutputCheckFailed, check_image
 from engines.generators import ModelSpec, build_engine, is_oom
 from engines.health import HealthGate, ReplicaUnhealthy
+from graph.cost import price_card
 from graph.schemas import GenerateJob, GenerateResult
+
+log = logging.getLogger("prism.generator")
 
 
 class _Failure:
@@ -39,8 +46,12 @@ class _Failure:
 class Generator:
     def __init__(self, spec: dict):
         """Validate the spec and load the model (local or built-in weights only)."""
-        self.spec = ModelSpec.model_validate(spec)
+        self.spec = ModelSpec.model_validate(spec)  # refuses a hosted model its provider has shut down
         self.engine = build_engine(self.spec)
+        self.lifecycle_warning = _lifecycle_warning(self.spec)
+        if self.lifecycle_warning:
+            log.warning("%s: %s", self.spec.name, self.lifecycle_warning)
+        self.unavailable_gauge = _unavailable_gauge()
         self.size = (self.spec.native_size, self.spec.native_size)
         self.stats = {"running": 0, "batches": 0, "oom_splits": 0, "failed_checks": 0, "cancelled": 0,
                       "health_probes": 0, "health_failures": 0}
@@ -83,33 +94,43 @@ class Generator:
         for (steps, guidance), idx in groups.items():
             items = [(i, jobs[i].prompt, jobs[i].seed + k) for i in idx for k in range(jobs[i].n)]
             t0 = time.perf_counter()
-            outputs = await self._render_splitting(items, steps, guidance)
+            billed: list = []  # hosted tiers: per item, what the provider said it cost (None: not said)
+            outputs = await self._render_splitting(items, steps, guidance, billed)
             per_image_s = (time.perf_counter() - t0) / len(items)  # the batch's compute, shared by image count
             for i in idx:
                 mine = [o for (j, _, _), o in zip(items, outputs, strict=True) if j == i]
-                results[i] = self._result(mine, steps, guidance, per_image_s * len(mine), len(items))
+                usd = [b for (j, _, _), b in zip(items, billed, strict=False) if j == i]
+                results[i] = self._result(mine, steps, guidance, per_image_s * len(mine), len(items), usd)
         return results
 
-    def _result(self, outputs: list, steps: int, guidance: float, compute_s: float, batch: int) -> GenerateResult:
+    def _result(self, outputs: list, steps: int, guidance: float, compute_s: float, batch: int,
+                billed: list | None = None) -> GenerateResult:
         failure = next((o for o in outputs if isinstance(o, _Failure)), None)
         extra = {"batch_size": batch, "note": getattr(self.engine, "note", None), "gpu_fraction": self.gpu_fraction}
         if failure and failure.retry_after_s is not None:
             extra["retry_after_s"] = failure.retry_after_s
+        reported = [usd for usd in billed or [] if usd is not None]
+        if reported and not failure:  # the ingress charges these images what the provider said, the rest list price
+            extra["usd_reported"], extra["images_reported"] = round(sum(reported), 8), len(reported)
         return GenerateResult(
             images=[] if failure else outputs, model=self.engine.name, model_version=self.engine.version,
             steps=steps, guidance=guidance, compute_s=compute_s, failure=failure.reason if failure else None,
             detail=failure.detail if failure else "",
             extra=extra)
 
-    async def _render_splitting(self, items: list[tuple], steps: int, guidance: float) -> list:
-        """Render items in one call; on OOM split in halves and retry each part; check every output."""
+    async def _render_splitting(self, items: list[tuple], steps: int, guidance: float,
+                                billed: list | None = None) -> list:
+        """Render items in one call; on OOM split in halves and retry each part; check every output. A hosted
+        tier's per-item cost, as its provider reported it, is appended to `billed`."""
         prompts, seeds = [p for _, p, _ in items], [s for _, _, s in items]
         try:
             delay = self.engine.delay_s(len(prompts))
             if delay:
                 await asyncio.sleep(delay)
-            if hasattr(self.engine, "agenerate"):  # hosted APIs: awaited on the replica's loop, no thread held
-                raw = await self.engine.agenerate(prompts, seeds, steps, guidance)
+            if hasattr(self.engine, "arender"):  # hosted APIs: awaited on the replica's loop, no thread held
+                rendered = await self.engine.arender(prompts, seeds)
+                raw = [getattr(r, "image", r) for r in rendered]
+                (billed if billed is not None else []).extend(getattr(r, "usd", None) for r in rendered)
             else:
                 raw = await asyncio.to_thread(self.engine.generate, prompts, seeds, steps, guidance)
         except Exception as e:
@@ -119,7 +140,7 @@ class Generator:
                 return (await self._render_splitting(items[:half], steps, guidance)
                         + await self._render_splitting(items[half:], steps, guidance))
             reason = "oom" if is_oom(e) else ("nan" if isinstance(e, FloatingPointError) else "error")
-            return [_Failure.of(e, reason)] * len(items)  # the exception's own `reason` wins when it has one
+            return [self._noted(_Failure.of(e, reason))] * len(items)  # the exception's own `reason` wins
         flat_ok = getattr(self.engine, "flat_ok", None)
         flat = flat_ok(prompts) if flat_ok else [False] * len(raw)
         self.health.ok()  # the model just rendered: as good as a passing probe
@@ -127,7 +148,7 @@ class Generator:
 
     def _check(self, output, flat_ok: bool = False):
         if isinstance(output, Exception):  # a hosted call that failed for this prompt only (engines/remote.py)
-            return _Failure.of(output, "error")
+            return self._noted(_Failure.of(output, "error"))
         try:
             return check_image(output, self.size, allow_flat=flat_ok)
         except OutputCheckFailed as e:
@@ -151,6 +172,13 @@ class Generator:
             self.stats["health_failures"] += 1
             self.health.failed(f"{type(e).__name__}: {e}")
 
+    def _noted(self, failure: _Failure) -> _Failure:
+        """A failure that makes the tier unavailable (its model is gone) is logged by the engine and shown here."""
+        gauge = getattr(self, "unavailable_gauge", None)
+        if failure.reason == "model_retired" and gauge is not None:
+            gauge.set(1, tags={"model": self.spec.name, "reason": failure.reason})
+        return failure
+
     def _probe(self):
         probe = getattr(self.engine, "probe", None)
         return probe() if probe else self.engine.generate(["health probe"], [0], 1, 1.0)[0]
@@ -162,4 +190,31 @@ class Generator:
                 "native_size": self.spec.native_size, "steps": self.spec.steps, "guidance": self.spec.guidance,
                 "stats": dict(self.stats), "replica": serve.get_replica_context().replica_id.unique_id,
                 "node_id": ray.get_runtime_context().get_node_id(),
-                "health": {"consecutive_failures": self.health.failures, "last_error": self.health.last_error}}
+                "health": {"consecutive_failures": self.health.failures, "last_error": self.health.last_error},
+                **_availability(self.engine, getattr(self, "lifecycle_warning", None), self.spec)}
+
+
+def _availability(engine, warning: str | None, spec: ModelSpec) -> dict:
+    """What /v1/tiers shows of a tier's model: available or why not, its lifecycle warning, its dated price."""
+    unavailable = getattr(engine, "unavailable", None)
+    return {"available": unavailable is None,
+            "unavailable_reason": None if unavailable is None else f"model_retired: {unavailable}",
+            "lifecycle_warning": warning, "price": price_card(spec.cost.model_dump(mode="json"))}
+
+
+def _lifecycle_warning(spec: ModelSpec) -> str | None:
+    from engines.generators import REMOTE_KINDS
+
+    if spec.kind not in REMOTE_KINDS:
+        return None
+    from engines.remote import lifecycle_warning
+
+    return lifecycle_warning(spec)
+
+
+def _unavailable_gauge():
+    """1 while a tier's model is unavailable on a replica (its provider said it is gone); created in the replica."""
+    from ray.serve.metrics import Gauge
+
+    return Gauge("prism_model_unavailable", description="1 while the provider says this tier's model is gone.",
+                 tag_keys=("model", "reason"))

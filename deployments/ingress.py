@@ -27,7 +27,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 
 from engines.intent import extract_text
 from graph.canary import CanaryMonitor, split_key
-from graph.cost import SpendLedger, StoreSpend, render_cost
+from graph.cost import SpendLedger, StoreSpend, attempt_cost, model_price
 from graph.errors import (
     CapacityError,
     Conflict,
@@ -234,7 +234,8 @@ class Ingress:
     async def list_models(self) -> dict:
         """OpenAI-style model list: every route and tier a request may name in `model`."""
         names = sorted(self.policy.routes) + sorted(self.generators) + sorted(self.policy.model_aliases)
-        return {"object": "list", "data": [{"id": n, "object": "model", "owned_by": "prism"} for n in names]}
+        return {"object": "list", "data": [{"id": n, "object": "model", "owned_by": "prism",
+                                            **model_price(n, self.tier_specs, self.policy)} for n in names]}
 
     @app.get("/v1/load")
     async def get_load(self) -> dict:
@@ -714,8 +715,8 @@ class Ingress:
         n = len(result.images) if not result.failure else 0
         fraction = cost.get("gpu_fraction")
         fraction = result.extra.get("gpu_fraction", 0.0) if fraction is None else fraction
-        return render_cost(cost.get("usd_per_image", 0.0), cost.get("usd_per_second", 0.0), n, result.compute_s,
-                           usd_per_gpu_hour=cost.get("usd_per_gpu_hour", 0.0), gpu_fraction=fraction)
+        return attempt_cost(cost, n, result.compute_s, fraction, result.extra.get("usd_reported", 0.0),
+                            result.extra.get("images_reported", 0))
 
     def _raise_chain_failed(self, decision: RouteDecision, fallbacks: list[Fallback]):
         reasons = "; ".join(f"{f.model}: {f.reason}" for f in fallbacks)

@@ -7,12 +7,13 @@
   local-only by default (`local_files_only: true`): no node may download at request time.
 - simulated: the latency (and stated GPU memory) of a real model, with a cheap placeholder image; for load
   tests and capacity planning at scales no CPU can compute.
-- openai, ideogram, google: hosted image APIs (engines/remote.py): an HTTP call per render, paid per image, keys
-  read from an environment variable named in the spec.
+- openai, ideogram, google: hosted image APIs (engines/remote.py): an HTTP call per render, paid per image (or per
+  token, where the provider reports usage), keys read from an environment variable named in the spec.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 import math
@@ -21,15 +22,16 @@ from pathlib import Path
 from typing import Literal, Protocol
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from graph.cost import TokenPrices
 
 BUILTIN_DIR = Path(__file__).parent / "builtin_models"
 BUILTIN_NOTE = ("built-in demo model: a small diffusion model trained in the Prism repo on coloured shapes and "
                 "backgrounds; prompts outside that domain get the nearest colours and shapes it knows")
 REMOTE_KINDS = ("openai", "ideogram", "google")
 # Spec fields that only hosted kinds read: set on another kind they would silently do nothing, so they are refused.
-REMOTE_FIELDS = ("provider_model", "base_url", "api_key_env", "quality", "style", "rendering_speed", "magic_prompt",
-                 "negative_prompt", "person_generation", "send_seed")
+REMOTE_FIELDS = ("provider_model", "base_url", "api_key_env", "quality", "output_format", "magic_prompt", "send_seed")
 SCHEDULERS = ("DPMSolverMultistepScheduler", "EulerDiscreteScheduler", "DDIMScheduler",
               "EulerAncestralDiscreteScheduler", "FlowMatchEulerDiscreteScheduler")
 
@@ -43,6 +45,18 @@ class CostSpec(BaseModel):
     gpu_fraction: float | None = Field(
         default=None, ge=0, le=8, description="Self-hosted: GPUs the replica is charged for; default: what it holds "
                                               "(its ray_actor_options num_gpus, read by the replica).")
+    tokens: TokenPrices | None = Field(
+        default=None, description="Hosted, token-priced: USD per 1M tokens; a render whose answer reports its usage "
+                                  "is charged from it, one without at `usd_per_image`.")
+    checked: dt.date | None = Field(default=None, description="Hosted: the day the price was checked at `source`.")
+    source: str | None = Field(default=None, description="Hosted: the provider's page the price comes from.")
+
+    @field_validator("source")
+    @classmethod
+    def _source_is_a_page(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("https://", "http://")):
+            raise ValueError(f"`source` must be the URL of the price page but is {value!r}")
+        return value
 
 
 class ModelSpec(BaseModel):
@@ -76,8 +90,8 @@ class ModelSpec(BaseModel):
                                      description="simulated: extra batch items cost this fraction of one.")
     # remote: openai, ideogram, google (engines/remote.py checks each value against what the provider documents)
     provider_model: str | None = Field(
-        default=None, description="remote: the provider's model, e.g. dall-e-3, V_3, imagen-4.0-fast-generate-001, "
-                                  "gemini-2.5-flash-image.")
+        default=None, description="remote: the provider's model, e.g. gpt-image-2.6-sunburst, ideogram-4-5, "
+                                  "gemini-3.1-flash-image.")
     base_url: str | None = Field(default=None, description="remote: API root; default the provider's own. openai: any "
                                                            "OpenAI-compatible server (another Prism included).")
     api_key_env: str | None = Field(default=None, description="remote: NAME of the environment variable holding the "
@@ -86,16 +100,12 @@ class ModelSpec(BaseModel):
     max_retries: int = Field(default=2, ge=0, le=10, description="remote: retries on 5xx and connection errors.")
     retry_backoff_s: float = Field(default=0.5, ge=0, le=30,
                                    description="remote: first retry's wait; doubles per retry, with jitter.")
-    quality: str | None = Field(default=None,
-                                description="openai: dall-e-3 standard|hd; gpt-image low|medium|high|auto.")
-    style: str | None = Field(default=None, description="openai dall-e-3: vivid|natural; ideogram: style_type "
-                                                        "AUTO|GENERAL|REALISTIC|DESIGN|FICTION.")
-    rendering_speed: str | None = Field(default=None, description="ideogram: TURBO|DEFAULT|QUALITY.")
-    magic_prompt: str | None = Field(default=None, description="ideogram: AUTO|ON|OFF (prompt rewriting).")
-    negative_prompt: str | None = Field(default=None, max_length=2000, description="ideogram: what to leave out.")
-    person_generation: str | None = Field(default=None, description="google imagen: dont_allow|allow_adult|allow_all.")
+    quality: str | None = Field(default=None, description="openai GPT Image: low|medium|high|auto; ideogram 4.5: "
+                                                          "low|medium|high.")
+    output_format: str | None = Field(default=None, description="openai GPT Image: png (default)|jpeg|webp.")
+    magic_prompt: str | None = Field(default=None, description="ideogram: auto|on|off (prompt rewriting).")
     send_seed: bool | None = Field(default=None, description="remote: send Prism's seed; default where the provider "
-                                                             "documents one (ideogram, gemini; not openai, imagen).")
+                                                             "documents one (ideogram, gemini; not openai).")
     # health (Generator.check_health)
     health_probe_timeout_s: float = Field(default=20.0, gt=0, le=300, description="A probe slower than this fails.")
     health_failures_to_replace: int = Field(default=3, ge=1, le=20,

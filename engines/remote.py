@@ -1,13 +1,18 @@
-"""Hosted image APIs as generator engines: OpenAI Images (or any OpenAI-compatible server, another Prism included),
-Ideogram 3.0, and Google's Gemini API: Imagen through `:predict`, Gemini image output through `:generateContent`.
+"""Hosted image APIs as generator engines: OpenAI's Images API with the GPT Image models (or any OpenAI-compatible
+server, another Prism included), Ideogram's v2 generate API, and Google's Gemini API image models (`:generateContent`).
 
 A remote engine spends no local compute: `agenerate` is awaited on the replica's event loop (deployments/
 generator.py), sends one provider call per run of identical prompts (n images where the provider takes n, else
-one call per image, all concurrently), decodes the PNG/JPEG it answers (base64 or a URL to download) and crops
+one call per image, all concurrently), decodes the PNG/JPEG/WebP it answers (base64 or a URL to download) and crops
 it to the tier's native square. Failures are typed, each with the `reason` the Generator reports to the ingress:
 rate_limited (429: no retry; every call fails fast until Retry-After has passed), deadline (no answer within
 timeout_s), error (5xx and connection errors after retries; 4xx refusals), undecodable (a body or image that
-cannot be read).
+cannot be read), model_retired (the provider says the model does not exist or was shut down: the tier stays
+unavailable, failing fast without the network, until the replica is replaced).
+
+Where an answer reports its token usage (OpenAI's `usage`, Gemini's `usageMetadata`) and the tier's price sheet has
+token rates, each image carries what the provider says it cost (`arender`); the ingress charges the list price for
+the rest (graph/cost.py).
 
 The key is read from the environment variable the spec names, when the engine starts, and is sent only in the
 provider's auth header: never to image download URLs, and never in a log line, message or repr (error bodies
@@ -38,6 +43,8 @@ from PIL import Image
 from pydantic import SecretStr
 
 from engines.generators import placeholder_image
+from graph.cost import TokenUsage, usage_cost
+from graph.lifecycle import lifecycle, today
 
 if TYPE_CHECKING:
     from engines.generators import ModelSpec
@@ -96,6 +103,13 @@ class RemoteRejected(RemoteError):
     reason = "error"
 
 
+class RemoteModelRetired(RemoteError):
+    """The provider says the model does not exist (any more): the tier is unavailable until a redeploy; not a
+    capacity reason, so a chain that fails only on it answers 502, not 503."""
+
+    reason = "model_retired"
+
+
 class MissingApiKey(RuntimeError):
     """The environment variable the spec names is unset or empty: the replica cannot start."""
 
@@ -114,81 +128,75 @@ class ModelFacts:
     sizes: dict[int, str | None]
     max_n: int
     qualities: tuple[str, ...] = ()
-    styles: tuple[str, ...] = ()
+    formats: tuple[str, ...] = ()  # openai output_format
+    magic: tuple[str, ...] = ()  # ideogram magic_prompt
     seed: bool = False  # a seed the provider documents and accepts
-    endpoint: str = ""  # google: predict (Imagen) | generateContent (Gemini)
     documented: bool = True  # False: a model the default provider does not list, served by your own base_url
 
 
-IDEOGRAM_SPEEDS = ("TURBO", "DEFAULT", "QUALITY")
-IDEOGRAM_MAGIC = ("AUTO", "ON", "OFF")
-IMAGEN_PERSONS = ("dont_allow", "allow_adult", "allow_all")
-
-# OpenAI Images API (platform.openai.com/docs/api-reference/images/create).
-OPENAI_MODELS: dict[str, ModelFacts] = {
-    "dall-e-2": ModelFacts({256: "256x256", 512: "512x512", 1024: "1024x1024"}, max_n=10, qualities=("standard",)),
-    "dall-e-3": ModelFacts({1024: "1024x1024"}, max_n=1, qualities=("standard", "hd"), styles=("vivid", "natural")),
-    "gpt-image": ModelFacts({1024: "1024x1024"}, max_n=10, qualities=("low", "medium", "high", "auto")),
-}
-# Ideogram 3.0 (developer.ideogram.ai/api-reference/api-reference/generate-v3): one square resolution, 1-8 images.
+# OpenAI GPT Image models, by id prefix (gpt-image-2, -2.5-flare/-sunburst, -2.6-flare/-sunburst). Images API
+# (POST /v1/images/generations): n 1-10; quality low|medium|high|auto; output_format png|jpeg|webp; always base64, no
+# response_format, no style, no seed; 1024x1024 is a standard size of every GPT Image model. Source: openai-python's
+# ImageGenerateParams (openai/openai-python src/openai/types/image_generate_params.py, 2026-08-21) and
+# https://developers.openai.com/api/docs/guides/image-generation, checked 2026-12-03. Third-party gateways list
+# `xhigh`/`max` qualities for 2.5+; OpenAI's own reference read here does not, so they are not accepted.
+OPENAI_MODELS: tuple[tuple[str, ModelFacts], ...] = (
+    ("gpt-image-2", ModelFacts({1024: "1024x1024"}, max_n=10, qualities=("low", "medium", "high", "auto"),
+                               formats=("png", "jpeg", "webp"))),
+)
+# Ideogram API v2 (POST /v2/image/generate/{model}, multipart; https://developer.ideogram.ai/api-reference/images/
+# generate/ideogram-4-5, checked 2026-12-03): size presets 1024x1024 and 2048x2048, quality low|medium|high
+# (very_low needs source images), magic_prompt auto|on|off, seed 0-2147483647. The page gives no num_images range;
+# 8 is the range Ideogram documents for its other v2 generate endpoints (p-image-ideogram) and for v3.
 IDEOGRAM_MODELS: dict[str, ModelFacts] = {
-    "V_3": ModelFacts({1024: "1024x1024"}, max_n=8, styles=("AUTO", "GENERAL", "REALISTIC", "DESIGN", "FICTION"),
-                      seed=True),
+    "ideogram-4-5": ModelFacts({1024: "1024x1024", 2048: "2048x2048"}, max_n=8, qualities=("low", "medium", "high"),
+                               magic=("auto", "on", "off"), seed=True),
 }
-# Gemini API (ai.google.dev/gemini-api/docs/imagen, .../image-generation), by model-name prefix, first match wins.
-# Imagen 1:1 renders 1024x1024 ("1K"), 2048x2048 with imageSize "2K" on Standard/Ultra; Google's SDKs refuse a
-# seed for Imagen on the Gemini API. Gemini image output: 1:1 is 1024x1024, one image per call.
+# Gemini API image models (POST /v1beta/models/{model}:generateContent; https://ai.google.dev/gemini-api/docs/
+# image-generation, checked 2026-12-03), by id prefix, first match wins. One image per call; 1:1 at imageSize "1K" is
+# 1024x1024, "2K" 2048x2048. Nano Banana 2 Lite renders 1K only (nothing is sent for it).
 GOOGLE_MODELS: tuple[tuple[str, ModelFacts], ...] = (
-    ("imagen-4.0-fast", ModelFacts({1024: None}, max_n=4, endpoint="predict")),
-    ("imagen-4.0-ultra", ModelFacts({1024: "1K", 2048: "2K"}, max_n=1, endpoint="predict")),
-    ("imagen-4.0", ModelFacts({1024: "1K", 2048: "2K"}, max_n=4, endpoint="predict")),
-    ("imagen-3.0", ModelFacts({1024: None}, max_n=4, endpoint="predict")),
-    ("gemini-2.5-flash-image", ModelFacts({1024: None}, max_n=1, seed=True, endpoint="generateContent")),
-    ("gemini-3", ModelFacts({1024: "1K", 2048: "2K"}, max_n=1, seed=True, endpoint="generateContent")),
+    ("gemini-3.1-flash-lite-image", ModelFacts({1024: None}, max_n=1, seed=True)),
+    ("gemini-3.1-flash-image", ModelFacts({1024: "1K", 2048: "2K"}, max_n=1, seed=True)),
+    ("gemini-3-pro-image", ModelFacts({1024: "1K", 2048: "2K"}, max_n=1, seed=True)),
 )
 
 
-def _compatible_facts(kind: str, model: str, native_size: int) -> ModelFacts:
+def _compatible_facts(kind: str, native_size: int) -> ModelFacts:
     """A model the default provider does not list, on another server: any size, one image per call."""
     if kind == "google":
-        endpoint = "generateContent" if model.startswith("gemini") else "predict"
-        return ModelFacts({native_size: None}, max_n=1, seed=endpoint == "generateContent", endpoint=endpoint,
-                          documented=False)
+        return ModelFacts({native_size: None}, max_n=1, seed=True, documented=False)
     return ModelFacts({native_size: f"{native_size}x{native_size}"}, max_n=1, documented=False)
 
 
 def model_facts(kind: str, model: str, native_size: int, custom_base: bool) -> ModelFacts:
     """The documented facts for a provider model; raises ValueError listing the known ones when there are none."""
-    known: list[str]
-    if kind == "openai":
-        known = [m if m != "gpt-image" else "gpt-image-*" for m in OPENAI_MODELS]
-        facts = OPENAI_MODELS.get("gpt-image" if model.startswith("gpt-image") else model)
-    elif kind == "ideogram":
+    if kind == "ideogram":
         known, facts = list(IDEOGRAM_MODELS), IDEOGRAM_MODELS.get(model)
     else:
-        known = [f"{prefix}*" for prefix, _ in GOOGLE_MODELS]
-        facts = next((f for prefix, f in GOOGLE_MODELS if model.startswith(prefix)), None)
+        table = OPENAI_MODELS if kind == "openai" else GOOGLE_MODELS
+        known = [f"{prefix}*" for prefix, _ in table]
+        facts = next((f for prefix, f in table if model.startswith(prefix)), None)
     if facts is not None:
         return facts
     if custom_base and kind != "ideogram":
-        return _compatible_facts(kind, model, native_size)
+        return _compatible_facts(kind, native_size)
     raise ValueError(f"{kind} `provider_model` {model!r} is not one Prism knows for {DEFAULT_BASE_URLS[kind]}: use one "
                      f"of {known}" + ("" if kind == "ideogram" else " (any name works with your own `base_url`)"))
 
 
-OPTIONS = ("quality", "style", "rendering_speed", "magic_prompt", "negative_prompt", "person_generation")
+OPTIONS = ("quality", "output_format", "magic_prompt")
 
 
 def allowed_options(kind: str, facts: ModelFacts) -> dict[str, tuple[str, ...] | None]:
     """The options a model takes -> their documented values (None: free text, or a server of yours decides)."""
     if kind == "ideogram":
-        return {"style": facts.styles, "rendering_speed": IDEOGRAM_SPEEDS, "magic_prompt": IDEOGRAM_MAGIC,
-                "negative_prompt": None}
+        return {"quality": facts.qualities, "magic_prompt": facts.magic}
     if kind == "google":
-        return {"person_generation": IMAGEN_PERSONS} if facts.endpoint == "predict" else {}
+        return {}
     if not facts.documented:
-        return {"quality": None, "style": None}
-    return {name: values for name, values in (("quality", facts.qualities), ("style", facts.styles)) if values}
+        return {"quality": None}
+    return {"quality": facts.qualities, "output_format": facts.formats}
 
 
 def _check_options(spec: ModelSpec, facts: ModelFacts) -> None:
@@ -206,6 +214,14 @@ def _check_options(spec: ModelSpec, facts: ModelFacts) -> None:
                              f"{value!r}")
 
 
+def _check_price(spec: ModelSpec) -> None:
+    """A tier on the provider's own API says what it costs, where that price was read and when."""
+    cost = spec.cost
+    if cost.usd_per_image <= 0 or cost.checked is None or cost.source is None:
+        raise ValueError(f"a {spec.kind} tier on {DEFAULT_BASE_URLS[spec.kind]} needs `cost.usd_per_image` (its list "
+                         f"price per image), `cost.checked` (the date it was checked) and `cost.source` (the page)")
+
+
 def check_remote_spec(spec: ModelSpec) -> None:
     """Validate a hosted tier's spec against what its provider documents; raises ValueError naming the field.
     Reads no environment: a profile validates on any machine, keys or not."""
@@ -218,19 +234,38 @@ def check_remote_spec(spec: ModelSpec) -> None:
         raise ValueError(f"kind {spec.kind} needs `provider_model` (e.g. {_example_model(spec.kind)})")
     if spec.base_url is not None and urlsplit(spec.base_url).scheme not in ("http", "https"):
         raise ValueError(f"`base_url` must be an http(s) URL but is {spec.base_url!r}")
-    custom = spec.base_url is not None and _origin(spec.base_url) != _origin(DEFAULT_BASE_URLS[spec.kind])
+    custom = is_custom_base(spec)
+    if not custom:
+        verdict = lifecycle(spec.kind, spec.provider_model, today())
+        if verdict.status == "retired":
+            raise ValueError(verdict.message(spec.provider_model))
     facts = model_facts(spec.kind, spec.provider_model, spec.native_size, custom)
     if spec.native_size not in facts.sizes:
         raise ValueError(f"`native_size` {spec.native_size} is not a square size {spec.provider_model} documents: "
                          f"allowed {sorted(facts.sizes)}")
     _check_options(spec, facts)
-    if spec.send_seed and facts.endpoint == "predict" and not custom:
-        raise ValueError("`send_seed` with Imagen on the Gemini API: it does not take a seed (Google's SDKs refuse "
-                         "it); leave it unset, or point `base_url` at a gateway that accepts one")
+    if spec.send_seed and spec.kind == "openai" and not custom:
+        raise ValueError("`send_seed` with OpenAI's Images API: it takes no seed; leave it unset, or point `base_url` "
+                         "at a server that accepts one (another Prism does)")
+    if not custom:
+        _check_price(spec)
+
+
+def lifecycle_warning(spec: ModelSpec) -> str | None:
+    """The warning a tier starts with when its model is announced for retirement (None otherwise)."""
+    if spec.kind not in DEFAULT_BASE_URLS or not spec.provider_model or is_custom_base(spec):
+        return None
+    verdict = lifecycle(spec.kind, spec.provider_model, today())
+    return verdict.message(spec.provider_model) if verdict.status == "announced" else None
+
+
+def is_custom_base(spec: ModelSpec) -> bool:
+    """Does the tier call a server other than the provider's own (a gateway, another Prism, a stand-in)?"""
+    return spec.base_url is not None and _origin(spec.base_url) != _origin(DEFAULT_BASE_URLS[spec.kind])
 
 
 def _example_model(kind: str) -> str:
-    return {"openai": "dall-e-3", "ideogram": "V_3", "google": "imagen-4.0-fast-generate-001"}[kind]
+    return {"openai": "gpt-image-2.6-sunburst", "ideogram": "ideogram-4-5", "google": "gemini-3.1-flash-image"}[kind]
 
 
 def _origin(url: str) -> str:
@@ -312,6 +347,66 @@ def _dig(body: Any, *path: str | int) -> Any:
     return body
 
 
+# A 400 whose message says the model is gone (OpenAI: "The model `dall-e-3` has been deprecated", code
+# model_not_found; Google: status NOT_FOUND "models/x is not found for API version v1beta").
+_GONE_CODES = ("model_not_found", "NOT_FOUND")
+_GONE_WORDS = re.compile(r"\bmodel\b.*\b(deprecated|shut ?down|retired|discontinued|no longer (available|supported)|"
+                         r"does not exist|is not found)\b", re.IGNORECASE | re.DOTALL)
+
+
+def model_gone(status: int, body: Any) -> bool:
+    """Does a provider's 4xx say the model itself is gone? A 404/410 on the one generate call a tier makes always does
+    (the model is in its path or body); a 400 when its error code, status or message says so."""
+    if status in (404, 410):
+        return True
+    if status != 400:
+        return False
+    if _dig(body, "error", "code") in _GONE_CODES or _dig(body, "error", "status") in _GONE_CODES:
+        return True
+    message = _dig(body, "error", "message") or _dig(body, "detail") or _dig(body, "error")
+    return isinstance(message, str) and bool(_GONE_WORDS.search(message))
+
+
+def _count(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def openai_usage(body: dict) -> TokenUsage | None:
+    """OpenAI's `usage` (GPT Image models): input split into text/image tokens, output into image/text tokens where
+    the details are given (all output counts as image tokens otherwise). None when absent or malformed."""
+    usage = body.get("usage")
+    if not isinstance(usage, dict):
+        return None
+    inputs, outputs = _count(usage.get("input_tokens")), _count(usage.get("output_tokens"))
+    if inputs is None or outputs is None:
+        return None
+    text_in, image_in = (_count(_dig(usage, "input_tokens_details", k)) for k in ("text_tokens", "image_tokens"))
+    image_out, text_out = (_count(_dig(usage, "output_tokens_details", k)) for k in ("image_tokens", "text_tokens"))
+    if text_in is None or image_in is None:
+        text_in, image_in = inputs, 0
+    if image_out is None:
+        image_out, text_out = outputs, 0
+    return TokenUsage(text_input=text_in, image_input=image_in, text_output=text_out or 0, image_output=image_out)
+
+
+def gemini_usage(body: dict) -> TokenUsage | None:
+    """Gemini's `usageMetadata`: prompt tokens by modality, candidate tokens split IMAGE vs the rest, thinking tokens
+    billed as text output. None when absent or malformed."""
+    meta = body.get("usageMetadata")
+    if not isinstance(meta, dict) or _count(meta.get("candidatesTokenCount")) is None:
+        return None
+
+    def by_modality(details: Any, modality: str) -> int:
+        return sum(_count(_dig(d, "tokenCount")) or 0 for d in details or [] if _dig(d, "modality") == modality)
+
+    prompt = _count(meta.get("promptTokenCount")) or 0
+    image_in = by_modality(meta.get("promptTokensDetails"), "IMAGE")
+    image_out = by_modality(meta.get("candidatesTokensDetails"), "IMAGE")
+    text_out = meta["candidatesTokenCount"] - image_out + (_count(meta.get("thoughtsTokenCount")) or 0)
+    return TokenUsage(text_input=max(prompt - image_in, 0), image_input=image_in, text_output=max(text_out, 0),
+                      image_output=image_out)
+
+
 @dataclass
 class _Call:
     """One provider request: the path under base_url and its JSON body or multipart fields."""
@@ -331,6 +426,15 @@ class _Image:
 
 # -- The engine. ---------------------------------------------------------------------------------------------------
 
+@dataclass
+class Rendered:
+    """One image and what the provider said it cost (None: the answer reported no usage, or the tier has no token
+    rates; the ingress then charges the list price)."""
+
+    image: np.ndarray
+    usd: float | None = None
+
+
 @dataclass(repr=False)
 class _Pool:
     """The engine's pooled HTTP client, bound to the event loop it was made on (asyncio.run makes new loops)."""
@@ -341,21 +445,22 @@ class _Pool:
 
 class RemoteEngine:
     """A hosted image API behind the Engine interface: key, pooled client, retries, rate-limit block, decoding.
-    Subclasses say how to ask (`request`, `auth_headers`) and how to read the answer (`images`)."""
+    Subclasses say how to ask (`request`, `auth_headers`) and how to read the answer (`images`, `usage`)."""
 
     def __init__(self, spec: ModelSpec):
         self.spec = spec
         self.name = spec.name
         self.native_size = spec.native_size
         self.base_url = (spec.base_url or DEFAULT_BASE_URLS[spec.kind]).rstrip("/")
-        custom = _origin(self.base_url) != _origin(DEFAULT_BASE_URLS[spec.kind])
-        self.facts = model_facts(spec.kind, spec.provider_model, spec.native_size, custom)
+        self.facts = model_facts(spec.kind, spec.provider_model, spec.native_size, is_custom_base(spec))
         self.per_call = max(1, min(self.facts.max_n, spec.max_batch_size))
         self.send_seed = self.facts.seed if spec.send_seed is None else spec.send_seed
         self.version = engine_version(spec.kind, spec.provider_model, self.base_url)
+        self.prices = spec.cost.tokens
         self._key = SecretStr(_read_key(spec.api_key_env))
         self._pool = _Pool()
         self.blocked_until = 0.0  # time.monotonic() before which calls fail fast (the last 429's Retry-After)
+        self.unavailable: str | None = None  # why the provider no longer serves this model; sticky for the replica
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, version={self.version!r}, key=${self.spec.api_key_env})"
@@ -388,18 +493,25 @@ class RemoteEngine:
 
     async def agenerate(self, prompts: list[str], seeds: list[int], steps: int,
                         guidance: float) -> list[np.ndarray | RemoteError]:
-        """One uint8 native-size image per prompt. steps/guidance are the provider's business and are ignored.
-        A slot whose call failed holds its RemoteError, so one refused prompt does not fail the batch's other jobs;
-        when every call failed the first error is raised."""
+        """One uint8 native-size image per prompt (`arender` without the costs)."""
+        return [r.image if isinstance(r, Rendered) else r for r in await self.arender(prompts, seeds)]
+
+    async def arender(self, prompts: list[str], seeds: list[int]) -> list[Rendered | RemoteError]:
+        """One image (and what the provider said it cost) per prompt. A slot whose call failed holds its RemoteError,
+        so one refused prompt does not fail the batch's other jobs; when every call failed the first error is raised."""
         self._raise_if_blocked()
         calls = plan_calls(prompts, seeds, self.per_call)
         results = await asyncio.gather(*(self._render(p, s, len(idx)) for idx, p, s in calls), return_exceptions=True)
-        out: list[np.ndarray | RemoteError | None] = [None] * len(prompts)
+        out: list[Rendered | RemoteError | None] = [None] * len(prompts)
         for (idx, _, _), result in zip(calls, results, strict=True):
             if isinstance(result, BaseException) and not isinstance(result, RemoteError):
                 raise result
             for k, i in enumerate(idx):
-                out[i] = result if isinstance(result, RemoteError) else result[k]
+                if isinstance(result, RemoteError):
+                    out[i] = result
+                else:
+                    images, usd = result
+                    out[i] = Rendered(images[k], None if usd is None else round(usd / len(idx), 8))
         if all(isinstance(o, RemoteError) for o in out):
             raise out[0]
         return out
@@ -420,13 +532,17 @@ class RemoteEngine:
     def images(self, body: dict, n: int) -> list[_Image]:
         raise NotImplementedError
 
+    def usage(self, body: dict) -> TokenUsage | None:
+        """The call's token usage as the answer reports it (None: not reported)."""
+        return None
+
     def retry_after_hint(self, response: httpx.Response) -> str | None:
         """The 429's wait as the provider states it (the Retry-After header unless the provider says otherwise)."""
         return response.headers.get("retry-after")
 
     # Machinery
 
-    async def _render(self, prompt: str, seed: int, n: int) -> list[np.ndarray]:
+    async def _render(self, prompt: str, seed: int, n: int) -> tuple[list[np.ndarray], float | None]:
         """One provider call with retries (exponential backoff + jitter) on 5xx and connection errors."""
         attempts = self.spec.max_retries + 1
         for attempt in range(attempts):
@@ -441,22 +557,25 @@ class RemoteEngine:
                 await asyncio.sleep(wait)
         raise AssertionError("unreachable")
 
-    async def _attempt(self, prompt: str, seed: int, n: int) -> list[np.ndarray]:
-        """Send, check the status, read the images (downloading URLs), all within timeout_s."""
+    async def _attempt(self, prompt: str, seed: int, n: int) -> tuple[list[np.ndarray], float | None]:
+        """Send, check the status, read the images (downloading URLs) and the usage, all within timeout_s."""
         self._raise_if_blocked()
         call = self.request(prompt, seed, n)
         try:
             async with asyncio.timeout(self.spec.timeout_s):
                 response = await self._send(call)
                 self._raise_for_status(response)
-                found = self.images(self._json(response), n)
+                body = self._json(response)
+                found = self.images(body, n)
                 if len(found) != n:
                     raise RemoteBadResponse(f"{self.version}: asked for {n} images, the answer has {len(found)}")
-                return list(await asyncio.gather(*(self._decode(img) for img in found)))
+                images = list(await asyncio.gather(*(self._decode(img) for img in found)))
         except (TimeoutError, httpx.TimeoutException):
             raise RemoteTimeout(f"{self.version}: no answer within timeout_s={self.spec.timeout_s:g}") from None
         except httpx.RequestError as e:  # refused, reset, DNS, TLS: the next attempt may reach it
             raise _Retryable(f"connection failed ({type(e).__name__})") from None
+        usage = self.usage(body) if self.prices is not None else None
+        return images, None if usage is None else usage_cost(usage, self.prices)
 
     def _client(self) -> httpx.AsyncClient:
         loop = asyncio.get_running_loop()
@@ -482,6 +601,11 @@ class RemoteEngine:
                                                  f"{_error_text(response)}"), retry_after_s=wait)
         if code >= 500:
             raise _Retryable(self._redact(f"HTTP {code}: {_error_text(response)}"))
+        if code >= 400 and model_gone(code, _json_or_none(response)):
+            self.unavailable = self._redact(f"HTTP {code}: {_error_text(response)}")
+            log.error("%s: the provider no longer serves this model (%s); the tier is unavailable until a redeploy, "
+                      "its fallbacks serve", self.version, self.unavailable)
+            raise RemoteModelRetired(f"{self.version}: the provider no longer serves this model ({self.unavailable})")
         if code >= 400:
             raise RemoteRejected(self._redact(f"{self.version} refused the request (HTTP {code}): "
                                               f"{_error_text(response)}"))
@@ -511,6 +635,8 @@ class RemoteEngine:
         return decode_image(response.content, self.native_size)
 
     def _raise_if_blocked(self) -> None:
+        if self.unavailable is not None:
+            raise RemoteModelRetired(f"{self.version} is unavailable ({self.unavailable}); not calling it")
         left = self.blocked_until - time.monotonic()
         if left > 0:
             raise RemoteRateLimited(f"{self.version} is rate limited for another {left:.1f}s (the provider's "
@@ -535,33 +661,42 @@ def _read_key(env: str) -> str:
     return value
 
 
-def _error_text(response: httpx.Response, limit: int = 300) -> str:
-    """The provider's error message (error.message / detail / message), else the start of the body."""
+def _json_or_none(response: httpx.Response) -> Any:
     try:
-        body = response.json()
+        return response.json()
     except ValueError:
+        return None
+
+
+def _error_text(response: httpx.Response, limit: int = 300) -> str:
+    """The provider's error message (error.message / detail / message / error), else the start of the body."""
+    body = _json_or_none(response)
+    if body is None:
         return response.text[:limit] or "(empty body)"
-    message = _dig(body, "error", "message") or _dig(body, "detail") or _dig(body, "message")
+    message = (_dig(body, "error", "message") or _dig(body, "detail") or _dig(body, "message")
+               or (_dig(body, "error") if isinstance(_dig(body, "error"), str) else None))
     return str(message if message else body)[:limit]
 
 
 # -- Providers. ----------------------------------------------------------------------------------------------------
 
 class OpenAIEngine(RemoteEngine):
-    """POST {base}/v1/images/generations, Bearer key; JSON {model, prompt, n, size, quality, style, response_format}.
-    No seed: OpenAI has none (an OpenAI-compatible server that takes one, such as Prism, gets it with send_seed)."""
+    """POST {base}/v1/images/generations, Bearer key; GPT Image: JSON {model, prompt, n, size, quality, output_format}
+    -> data[].b64_json + usage (tokens). No seed: OpenAI has none. Another OpenAI-compatible server (e.g. another
+    Prism) gets response_format b64_json, and the seed with send_seed."""
 
     def auth_headers(self, key: str) -> dict[str, str]:
         return {"Authorization": f"Bearer {key}"}
 
     def request(self, prompt: str, seed: int, n: int) -> _Call:
-        spec, model = self.spec, self.spec.provider_model
-        body: dict[str, Any] = {"model": model, "prompt": prompt, "n": n, "size": self.facts.sizes[self.native_size]}
+        spec = self.spec
+        body: dict[str, Any] = {"model": spec.provider_model, "prompt": prompt, "n": n,
+                                "size": self.facts.sizes[self.native_size]}
         if spec.quality is not None:
             body["quality"] = spec.quality
-        if spec.style is not None:
-            body["style"] = spec.style
-        if not model.startswith("gpt-image"):  # gpt-image models always answer base64 and take no response_format
+        if self.facts.documented:  # GPT Image answers base64 always and takes no response_format
+            body["output_format"] = spec.output_format or "png"
+        else:
             body["response_format"] = "b64_json"
         if self.send_seed:
             body["seed"] = seed
@@ -574,22 +709,25 @@ class OpenAIEngine(RemoteEngine):
             raise RemoteBadResponse(f"{self.version}: the answer has no `data` list")
         return [_Image(b64=_dig(d, "b64_json"), url=_dig(d, "url")) for d in data]
 
+    def usage(self, body: dict) -> TokenUsage | None:
+        return openai_usage(body)
+
 
 class IdeogramEngine(RemoteEngine):
-    """POST {base}/v1/ideogram-v3/generate, Api-Key header, multipart form {prompt, seed, resolution, num_images,
-    rendering_speed, style_type, magic_prompt, negative_prompt}; the answer links each image (download it)."""
+    """POST {base}/v2/image/generate/{model}, Api-Key header, multipart form {prompt, size, num_images, quality,
+    magic_prompt, seed} -> {generation_id, seed, data: [{url, resolution, is_image_safe, seed, prompt}]}; each image
+    is a link to download (it expires)."""
 
     def auth_headers(self, key: str) -> dict[str, str]:
         return {"Api-Key": key}
 
     def request(self, prompt: str, seed: int, n: int) -> _Call:
         spec = self.spec
-        form = {"prompt": prompt, "resolution": self.facts.sizes[self.native_size], "num_images": str(n)}
-        options = {"seed": str(seed % SEED_MODULUS) if self.send_seed else None,
-                   "rendering_speed": spec.rendering_speed, "style_type": spec.style,
-                   "magic_prompt": spec.magic_prompt, "negative_prompt": spec.negative_prompt}
+        form = {"prompt": prompt, "size": self.facts.sizes[self.native_size], "num_images": str(n)}
+        options = {"seed": str(seed % SEED_MODULUS) if self.send_seed else None, "quality": spec.quality,
+                   "magic_prompt": spec.magic_prompt}
         form.update({k: v for k, v in options.items() if v is not None})
-        return _Call(path="/v1/ideogram-v3/generate", form=form)
+        return _Call(path=f"/v2/image/generate/{spec.provider_model}", form=form)
 
     def images(self, body: dict, n: int) -> list[_Image]:
         data = body.get("data")
@@ -604,45 +742,23 @@ class IdeogramEngine(RemoteEngine):
 
 
 class GoogleEngine(RemoteEngine):
-    """Gemini API, x-goog-api-key header. Imagen: POST {base}/v1beta/models/{model}:predict {instances: [{prompt}],
-    parameters: {sampleCount, aspectRatio, imageSize, personGeneration, includeRaiReason}} -> predictions[]
-    .bytesBase64Encoded. Gemini: POST ...:generateContent {contents, generationConfig: {responseModalities: [IMAGE],
-    imageConfig: {aspectRatio, imageSize}, seed}} -> candidates[0].content.parts[].inlineData.data."""
+    """Gemini API, x-goog-api-key header: POST {base}/v1beta/models/{model}:generateContent {contents,
+    generationConfig: {responseModalities: [IMAGE], imageConfig: {aspectRatio, imageSize}, seed}} ->
+    candidates[0].content.parts[].inlineData.data + usageMetadata."""
 
     def auth_headers(self, key: str) -> dict[str, str]:
         return {"x-goog-api-key": key}
 
     def request(self, prompt: str, seed: int, n: int) -> _Call:
-        path = f"/v1beta/models/{self.spec.provider_model}:{self.facts.endpoint}"
         image_size = self.facts.sizes[self.native_size]
-        if self.facts.endpoint == "predict":
-            params: dict[str, Any] = {"sampleCount": n, "aspectRatio": "1:1", "includeRaiReason": True}
-            extra = {"imageSize": image_size, "personGeneration": self.spec.person_generation,
-                     "seed": seed % SEED_MODULUS if self.send_seed else None}
-            params.update({k: v for k, v in extra.items() if v is not None})
-            return _Call(path=path, json={"instances": [{"prompt": prompt}], "parameters": params})
         image_config = {"aspectRatio": "1:1", **({"imageSize": image_size} if image_size else {})}
         config: dict[str, Any] = {"responseModalities": ["IMAGE"], "imageConfig": image_config}
         if self.send_seed:
             config["seed"] = seed % SEED_MODULUS
-        return _Call(path=path, json={"contents": [{"role": "user", "parts": [{"text": prompt}]}],
-                                      "generationConfig": config})
+        return _Call(path=f"/v1beta/models/{self.spec.provider_model}:generateContent",
+                     json={"contents": [{"role": "user", "parts": [{"text": prompt}]}], "generationConfig": config})
 
     def images(self, body: dict, n: int) -> list[_Image]:
-        return self._imagen(body) if self.facts.endpoint == "predict" else self._gemini(body)
-
-    def _imagen(self, body: dict) -> list[_Image]:
-        predictions = body.get("predictions")
-        if predictions is None:  # how the Gemini API answers when its filters removed every image
-            raise RemoteRejected(f"{self.version} refused: no images returned (its safety filters withheld them)")
-        if not isinstance(predictions, list):
-            raise RemoteBadResponse(f"{self.version}: `predictions` is not a list")
-        filtered = [p["raiFilteredReason"] for p in predictions if _dig(p, "raiFilteredReason")]
-        if filtered:
-            raise RemoteRejected(f"{self.version} refused: {str(filtered[0])[:200]}")
-        return [_Image(b64=_dig(p, "bytesBase64Encoded")) for p in predictions]
-
-    def _gemini(self, body: dict) -> list[_Image]:
         blocked = _dig(body, "promptFeedback", "blockReason")
         if blocked:
             raise RemoteRejected(f"{self.version} refused the prompt ({blocked})")
@@ -656,16 +772,16 @@ class GoogleEngine(RemoteEngine):
             raise RemoteRejected(f"{self.version} refused: finished with {finish} and no image")
         return found[:1]
 
+    def usage(self, body: dict) -> TokenUsage | None:
+        return gemini_usage(body)
+
     def retry_after_hint(self, response: httpx.Response) -> str | None:
         """Google states the wait in the error body (google.rpc.RetryInfo retryDelay, e.g. "27s") more often than
         in a Retry-After header; either is honoured."""
         header = response.headers.get("retry-after")
         if header:
             return header
-        try:
-            details = _dig(response.json(), "error", "details") or []
-        except ValueError:
-            return None
+        details = _dig(_json_or_none(response), "error", "details") or []
         delays = [_dig(d, "retryDelay") for d in details if str(_dig(d, "@type") or "").endswith("RetryInfo")]
         delay = next((d for d in delays if isinstance(d, str) and d.endswith("s")), None)
         return delay[:-1] if delay else None

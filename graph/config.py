@@ -8,6 +8,7 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
+PRICE_MAX_AGE_DAYS = 90  # a hosted tier's price checked longer ago than this is flagged by `python -m graph.config`
 
 
 def load_serve_config(path: str | Path) -> dict:
@@ -53,6 +54,26 @@ def validate_profile(path: str | Path) -> list[str]:
     return problems
 
 
+def profile_warnings(path: str | Path) -> list[str]:
+    """What a deployable profile should still fix: hosted models announced for retirement, prices checked long ago."""
+    from engines.generators import REMOTE_KINDS, ModelSpec
+    from engines.remote import lifecycle_warning
+    from graph.lifecycle import today
+
+    warnings = []
+    for tier, raw in (prism_app(load_serve_config(path)).get("args", {}).get("tiers") or {}).items():
+        spec = ModelSpec.model_validate(raw)
+        if spec.kind not in REMOTE_KINDS:
+            continue
+        if (warning := lifecycle_warning(spec)) is not None:
+            warnings.append(f"tiers.{tier}: {warning}")
+        checked = spec.cost.checked
+        if checked is not None and (today() - checked).days > PRICE_MAX_AGE_DAYS:
+            warnings.append(f"tiers.{tier}: its price was checked on {checked.isoformat()}, more than "
+                            f"{PRICE_MAX_AGE_DAYS} days ago: check it again at {spec.cost.source}")
+    return warnings
+
+
 if __name__ == "__main__":
     # python -m graph.config serve_config.yaml: check a profile (and its routing policy) before `serve deploy`.
     bad = 0
@@ -61,5 +82,7 @@ if __name__ == "__main__":
         print(f"{p}: {'ok' if not problems else 'INVALID'}")
         for prob in problems:
             print(f"  - {prob}")
+        for warning in [] if problems else profile_warnings(p):
+            print(f"  ! {warning}")
         bad += bool(problems)
     sys.exit(1 if bad else 0)

@@ -6,6 +6,11 @@ import asyncio
 import math
 import time
 from collections import defaultdict
+from dataclasses import dataclass
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MTOK = 1_000_000
 
 
 def render_cost(usd_per_image: float, usd_per_second: float, n_images: int, compute_s: float, *,
@@ -19,6 +24,71 @@ def render_cost(usd_per_image: float, usd_per_second: float, n_images: int, comp
     seconds = max(compute_s, 0.0)
     return round(usd_per_image * n_images + gpu_fraction * seconds * usd_per_gpu_hour / 3600
                  + usd_per_second * seconds, 8)
+
+
+class TokenPrices(BaseModel):
+    """A token-priced hosted model's rates in USD per million tokens, as its provider lists them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    text_input: float = Field(ge=0, description="Prompt text tokens.")
+    image_input: float = Field(default=0.0, ge=0, description="Input image tokens (edits, references).")
+    image_output: float = Field(gt=0, description="Generated image tokens: what a render mostly costs.")
+    text_output: float | None = Field(
+        default=None, ge=0, description="Output text (and reasoning) tokens; unset: charged at `image_output`, "
+                                        "the highest rate, so a render is never under-charged.")
+
+
+@dataclass(frozen=True)
+class TokenUsage:
+    """What one provider call says it used (OpenAI's `usage`, Gemini's `usageMetadata`), split by modality."""
+
+    text_input: int = 0
+    image_input: int = 0
+    text_output: int = 0
+    image_output: int = 0
+
+
+def usage_cost(usage: TokenUsage, prices: TokenPrices) -> float:
+    """USD for one call's reported usage. Example: 20 prompt tokens at $5/M + 7024 image tokens at $30/M =
+    0.0001 + 0.21072 = $0.21082."""
+    text_out = prices.image_output if prices.text_output is None else prices.text_output
+    usd = (usage.text_input * prices.text_input + usage.image_input * prices.image_input
+           + usage.text_output * text_out + usage.image_output * prices.image_output) / MTOK
+    return round(usd, 8)
+
+
+def attempt_cost(cost: dict, n_images: int, compute_s: float, gpu_fraction: float = 0.0,
+                 usd_reported: float = 0.0, images_reported: int = 0) -> float:
+    """One attempt's cost from its tier's price sheet (a CostSpec as a dict): what the provider said the images cost
+    where it said so, the list price for the rest, plus compute. Example: 2 images, one priced by the response at
+    $0.2108 and one not -> 0.2108 + 1 x usd_per_image."""
+    listed = max(n_images - images_reported, 0)
+    return round(usd_reported + render_cost(cost.get("usd_per_image", 0.0), cost.get("usd_per_second", 0.0), listed,
+                                            compute_s, usd_per_gpu_hour=cost.get("usd_per_gpu_hour", 0.0),
+                                            gpu_fraction=gpu_fraction), 8)
+
+
+PRICE_FIELDS = ("usd_per_image", "tokens", "checked", "source")
+
+
+def price_card(cost: dict | None) -> dict | None:
+    """A hosted tier's price as /v1/models shows it: per-image list price, token rates, when and where it was
+    checked. None for tiers priced by compute (self-hosted)."""
+    if not cost or not (cost.get("usd_per_image") or cost.get("tokens")):
+        return None
+    card = {k: cost.get(k) for k in PRICE_FIELDS if cost.get(k) is not None}
+    if "checked" in card:
+        card["checked"] = str(card["checked"])
+    return card
+
+
+def model_price(name: str, tier_specs: dict, policy) -> dict:
+    """{"price": {...}} for a /v1/models id (a tier, a route or a model alias) whose tier has a list price; {} else."""
+    target = policy.model_aliases.get(name, name)
+    tier = policy.routes[target].tier if target in policy.routes else target
+    card = price_card((tier_specs.get(tier) or {}).get("cost"))
+    return {"price": {"tier": tier, **card}} if card else {}
 
 
 class SpendLedger:

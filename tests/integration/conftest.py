@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from graph.config import ROOT, load_serve_config
+from tests.integration.hosted_standins import hosted_standins, hosted_tiers
 from tests.isolation import free_port
 
 # PRISM_TEST_PORT, or 18000 when free, or any free port: never a port a running Prism (8000) holds.
@@ -55,7 +56,7 @@ TIER_OPTIONS = {
 }
 
 
-def faults_app(base_app: dict) -> dict:
+def faults_app(base_app: dict, extra_tiers: dict | None = None) -> dict:
     """A second app on /faults: the same graph with fault-injecting generator tiers, each falling back to a
     real built-in model (`ok`). Light: the fakes import no torch. Its typography stage accepts any OCR read
     (max_cer 1.0): OCR strictness is tested on the main app and in unit tests; this app tests the HTTP surface."""
@@ -83,6 +84,7 @@ def faults_app(base_app: dict) -> dict:
                          "base_url": f"http://127.0.0.1:{PORT}/faults", "api_key_env": REMOTE_KEY_ENV,
                          "native_size": 64, "send_seed": True, "timeout_s": 30, "max_batch_size": 4,
                          "cost": {"usd_per_image": 0.01}},
+        **(extra_tiers or {}),  # hosted kinds against their providers' stand-ins (hosted_standins.py)
     }
     routes = {name: {"tier": name, "fallbacks": ["ok"], "max_latency_ms": 20000} for name in tiers}
     routes.update({
@@ -155,7 +157,15 @@ class Deployer:
 
 
 @pytest.fixture(scope="session")
-def deployer():
+def standins():
+    """The hosted providers' stand-ins, served for the whole session: {kind: (base_url, Standin)}."""
+    os.environ.setdefault(REMOTE_KEY_ENV, "prism-test-key-4f1c")  # the replicas inherit it
+    with hosted_standins(os.environ[REMOTE_KEY_ENV]) as served:
+        yield served
+
+
+@pytest.fixture(scope="session")
+def deployer(standins):
     import ray
     from ray import serve
     from ray.serve._private import api as serve_api
@@ -163,7 +173,7 @@ def deployer():
     config = load_serve_config(ROOT / "serve_config.yaml")
     config["http_options"]["port"] = PORT
     config["applications"][0]["args"]["records"]["dir"] = os.path.join(RECORDS_DIR, "prism")
-    config["applications"].append(faults_app(config["applications"][0]))
+    config["applications"].append(faults_app(config["applications"][0], hosted_tiers(standins, REMOTE_KEY_ENV)))
     # 2 logical CPUs for the real profile (as on this machine) + a little for the fault app's light fakes.
     os.environ.setdefault(REMOTE_KEY_ENV, "prism-test-key-4f1c")  # the replicas inherit it
     # address="local": always a new Ray instance of our own, never the user's `ray start` cluster (tests/conftest.py).

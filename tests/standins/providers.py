@@ -1,10 +1,13 @@
-"""Stand-ins for the hosted image APIs: OpenAI Images, Ideogram 3.0, Google's Gemini API (Imagen `:predict`, Gemini
-`:generateContent`). For tests only: they run on 127.0.0.1 and never reach a provider.
+"""Stand-ins for the hosted image APIs as they stand on 2026-12-03: OpenAI's Images API with the GPT Image models,
+Ideogram's v2 generate API (Ideogram 4.5), and the Gemini API's image models (`:generateContent`). For tests only:
+they run on 127.0.0.1 and never reach a provider.
 
-Each checks a request the way its provider documents it (auth header, path, fields and allowed values) and answers
-a wrong one the way the provider does (400/401/404/422 with the provider's error shape); a right one gets real PNGs
-of the size asked (a seeded colour gradient). Every request is kept, downloads included, in
-`app.state.standin.requests`, for assertions.
+Each checks a request strictly, the way its provider documents it (auth header, path, every field name and allowed
+value) and answers a wrong one the way the provider does (400/401/404/422 in the provider's error shape), so a
+malformed request fails the test that sent it; a right one gets real images of the size and format asked (a seeded
+colour gradient) and, where the provider reports it, the token usage. A model the provider has shut down (per
+graph/lifecycle.py) or does not know gets the provider's "model not found" answer. Every request is kept, downloads
+included, in `app.state.standin.requests`, for assertions.
 
 Faults by a token in the prompt:
   [standin:429]             429 (Retry-After header; Google: RetryInfo.retryDelay in the body, as Google sends it)
@@ -14,9 +17,11 @@ Faults by a token in the prompt:
   [standin:missing-data]    200 JSON without the images' field
   [standin:bad-b64]         200 with an image field that is not base64 (Ideogram: the image link answers 404)
   [standin:bad-image]       200 with valid base64 (Ideogram: a link) of bytes that are not an image
-  [standin:refused]         the provider's content-policy answer (OpenAI 400, Ideogram 422, Google: images withheld)
+  [standin:refused]         the provider's content-policy answer (OpenAI 400, Ideogram 422, Google: prompt blocked)
   [standin:unsafe]          Ideogram only: 200 with is_image_safe false and no link
   [standin:echo-key]        401 whose message repeats the key it was sent (tests that clients redact it)
+  [standin:retired]         the provider's answer for a model it no longer serves, whatever model was asked
+  [standin:no-usage]        OpenAI, Google: 200 without the token usage
 """
 
 from __future__ import annotations
@@ -34,7 +39,6 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from email.parser import BytesParser
 from email.policy import HTTP
 
@@ -44,6 +48,7 @@ from fastapi.responses import JSONResponse, Response
 from PIL import Image
 
 from engines.generators import placeholder_image
+from graph.lifecycle import lifecycle, today
 
 FAULT = re.compile(r"\[standin:([a-z0-9-]+)\]")
 NOT_AN_IMAGE = b"\x89PNG\r\n\x1a\n this is not an image"
@@ -62,10 +67,8 @@ class Received:
     def prompt(self) -> str:
         if "prompt" in self.body:
             return str(self.body["prompt"])
-        instances = self.body.get("instances") or [{}]
-        if instances[0].get("prompt") is not None:
-            return instances[0]["prompt"]
-        parts = (self.body.get("contents") or [{}])[0].get("parts") or [{}]
+        contents = self.body.get("contents")
+        parts = (contents[0].get("parts") if isinstance(contents, list) and contents else None) or [{}]
         return str(parts[0].get("text", ""))
 
 
@@ -94,13 +97,19 @@ class Standin:
 
 
 @functools.lru_cache(maxsize=64)
-def png(prompt: str, seed: int, width: int, height: int) -> bytes:
-    """A real PNG of the size asked: the placeholder gradient for (prompt, seed), drawn small and scaled up (a
-    1024-pixel render costs milliseconds, not the tenths of a second a full-size gradient takes to encode)."""
+def png(prompt: str, seed: int, width: int, height: int, fmt: str = "PNG") -> bytes:
+    """A real image of the size and format asked (PNG, JPEG, WEBP): the placeholder gradient for (prompt, seed),
+    drawn small and scaled up (a 1024-pixel render costs milliseconds, not the tenths of a second a full-size
+    gradient takes to encode)."""
     img = Image.fromarray(placeholder_image(prompt, seed, 64)).resize((width, height), Image.Resampling.BILINEAR)
     buf = io.BytesIO()
-    img.save(buf, format="PNG", compress_level=1)
+    img.save(buf, format=fmt, **({"compress_level": 1} if fmt == "PNG" else {}))
     return buf.getvalue()
+
+
+def retired(kind: str, model: str) -> bool:
+    """Has the provider shut this model down (graph/lifecycle.py's catalogue, today)?"""
+    return lifecycle(kind, model, today()).status == "retired"
 
 
 def fault_of(prompt: str) -> str | None:
@@ -182,18 +191,20 @@ async def _common_fault(st: Standin, request: Request, fault: str | None, prompt
     return None
 
 
-# -- OpenAI Images API -----------------------------------------------------------------------------------------------
+# -- OpenAI Images API, GPT Image models --------------------------------------------------------------------------
+# openai-python src/openai/types/image_generate_params.py and images_response.py; developers.openai.com image guide.
 
-OPENAI_FIELDS = {"model", "prompt", "n", "size", "quality", "style", "response_format", "user", "background",
-                 "moderation", "output_format", "output_compression"}
-OPENAI_MODELS = {
-    "dall-e-2": {"sizes": ("256x256", "512x512", "1024x1024"), "max_n": 10, "qualities": ("standard",), "styles": (),
-                 "formats": ("url", "b64_json")},
-    "dall-e-3": {"sizes": ("1024x1024", "1792x1024", "1024x1792"), "max_n": 1, "qualities": ("standard", "hd"),
-                 "styles": ("vivid", "natural"), "formats": ("url", "b64_json")},
-    "gpt-image-1": {"sizes": ("1024x1024", "1536x1024", "1024x1536", "auto"), "max_n": 10,
-                    "qualities": ("low", "medium", "high", "auto"), "styles": (), "formats": ()},
-}
+OPENAI_FIELDS = {"model", "prompt", "n", "size", "quality", "response_format", "style", "user", "background",
+                 "moderation", "output_format", "output_compression", "stream", "partial_images"}
+GPT_IMAGE_MODELS = {"gpt-image-2", "gpt-image-2-2026-04-21", "gpt-image-2.5-flare", "gpt-image-2.5-sunburst",
+                    "gpt-image-2.6-flare", "gpt-image-2.6-sunburst"}
+GPT_IMAGE_CHOICES = {"size": ("1024x1024", "1536x1024", "1024x1536", "auto"),
+                     "quality": ("low", "medium", "high", "auto"), "output_format": ("png", "jpeg", "webp"),
+                     "background": ("transparent", "opaque", "auto"), "moderation": ("low", "auto")}
+# Output image tokens at 1024x1024 (gpt-image-2's figures in OpenAI's image generation guide: $0.006/$0.053/$0.211
+# at $30 per 1M tokens); `auto` renders as high.
+GPT_IMAGE_TOKENS = {"low": 196, "medium": 1756, "high": 7024}
+PIL_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 
 
 def _openai_error(status: int, message: str, code: str | None = None) -> dict:
@@ -201,43 +212,61 @@ def _openai_error(status: int, message: str, code: str | None = None) -> dict:
     return {"error": {"message": message, "type": kind, "param": None, "code": code}}
 
 
+def _openai_gone(model: str) -> JSONResponse:
+    return JSONResponse(_openai_error(404, f"The model `{model}` has been deprecated. Learn more: "
+                                           f"https://developers.openai.com/api/docs/deprecations", "model_not_found"),
+                        404)
+
+
 def _openai_problems(body: dict) -> Iterator[str]:
-    """What OpenAI would answer 400 to, first problem first."""
+    """What OpenAI would answer 400 to for a GPT Image model, first problem first."""
     unknown = sorted(set(body) - OPENAI_FIELDS)
     if unknown:
         yield f"Unrecognized request argument supplied: {', '.join(unknown)}"
-    model = body.get("model", "dall-e-2")
-    facts = OPENAI_MODELS.get(model)
-    if facts is None:
-        yield f"The model `{model}` does not exist or you do not have access to it."
-        return
+    for name in ("response_format", "style"):
+        if name in body:
+            yield f"Unknown parameter: '{name}'. It is not supported for {body['model']}."
     if not isinstance(body.get("prompt"), str) or not body["prompt"]:
         yield "You must provide a prompt."
     n = body.get("n", 1)
-    if not isinstance(n, int) or not 1 <= n <= facts["max_n"]:
-        yield f"Invalid 'n': {model} supports n between 1 and {facts['max_n']}, got {n!r}."
-    for name, allowed in (("size", facts["sizes"]), ("quality", facts["qualities"]), ("style", facts["styles"]),
-                          ("response_format", facts["formats"])):
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 10:
+        yield f"Invalid 'n': must be an integer between 1 and 10, got {n!r}."
+    for name, allowed in GPT_IMAGE_CHOICES.items():
         if name in body and body[name] not in allowed:
-            yield f"Invalid value for '{name}': {body[name]!r}. Supported values for {model}: {list(allowed)}."
+            yield f"Invalid value for '{name}': {body[name]!r}. Supported values are: {list(allowed)}."
+    if "output_compression" in body and body.get("output_format", "png") == "png":
+        yield "output_compression is only supported for the jpeg and webp output formats."
 
 
-def _openai_item(st: Standin, request: Request, body: dict, fault: str | None, k: int) -> dict:
-    model, size = body.get("model", "dall-e-2"), body.get("size", "1024x1024")
+def _openai_item(body: dict, fault: str | None, k: int) -> dict:
+    size = body.get("size", "1024x1024")
     w, h = (1024, 1024) if size == "auto" else map(int, size.split("x"))
-    data = NOT_AN_IMAGE if fault == "bad-image" else png(body["prompt"], k, w, h)
-    as_url = model != "gpt-image-1" and body.get("response_format", "url") == "url"
-    item = {"url": _serve_file(st, request, data, "files")} if as_url else {"b64_json": base64.b64encode(data).decode()}
-    if fault == "bad-b64":
-        item = {"b64_json": "this is %% not base64"}
-    if model == "dall-e-3":
-        item["revised_prompt"] = body["prompt"]
-    return item
+    fmt = PIL_FORMATS[body.get("output_format", "png")]
+    data = NOT_AN_IMAGE if fault == "bad-image" else png(body["prompt"], k, w, h, fmt)
+    return {"b64_json": "this is %% not base64" if fault == "bad-b64" else base64.b64encode(data).decode()}
+
+
+def _openai_answer(body: dict, fault: str | None) -> dict:
+    n, quality = body.get("n", 1), body.get("quality", "auto")
+    resolved = "high" if quality == "auto" else quality
+    answer = {"created": int(time.time()), "background": "opaque", "output_format": body.get("output_format", "png"),
+              "quality": resolved, "size": body.get("size", "1024x1024"),
+              "data": [_openai_item(body, fault, k) for k in range(n)]}
+    if fault == "missing-data":
+        del answer["data"]
+    text = len(body["prompt"].split())
+    image = GPT_IMAGE_TOKENS[resolved] * n
+    if fault != "no-usage":
+        answer["usage"] = {"input_tokens": text, "input_tokens_details": {"text_tokens": text, "image_tokens": 0},
+                           "output_tokens": image, "output_tokens_details": {"image_tokens": image, "text_tokens": 0},
+                           "total_tokens": text + image}
+    return answer
 
 
 def openai_standin(key: str) -> FastAPI:
-    """POST /v1/images/generations as OpenAI documents it (Bearer auth, JSON body)."""
-    app, st = _standin_app(key, "files")
+    """POST /v1/images/generations as OpenAI documents it for the GPT Image models (Bearer auth, JSON body, base64
+    images and token usage in the answer)."""
+    app, st = _standin_app(key)
 
     @app.post("/v1/images/generations")
     async def generations(request: Request) -> Response:
@@ -245,6 +274,12 @@ def openai_standin(key: str) -> FastAPI:
         await _record(st, request, body)
         if request.headers.get("authorization") != f"Bearer {key}":
             return JSONResponse(_openai_error(401, "Incorrect API key provided.", "invalid_api_key"), 401)
+        model = body.get("model", "dall-e-2")  # OpenAI's default when none is named
+        if fault_of(str(body.get("prompt", ""))) == "retired" or retired("openai", model):
+            return _openai_gone(model)
+        if model not in GPT_IMAGE_MODELS:
+            return JSONResponse(_openai_error(404, f"The model `{model}` does not exist or you do not have access "
+                                                   f"to it.", "model_not_found"), 404)
         problem = next(_openai_problems(body), None)
         if problem:
             return JSONResponse(_openai_error(400, problem), 400)
@@ -252,31 +287,26 @@ def openai_standin(key: str) -> FastAPI:
         if answer is not None:
             return answer
         if fault == "refused":
-            return JSONResponse(_openai_error(400, "Your request was rejected as a result of our safety system.",
-                                              "content_policy_violation"), 400)
-        if fault == "missing-data":
-            return JSONResponse({"created": int(time.time())})
-        return JSONResponse({"created": int(time.time()),
-                             "data": [_openai_item(st, request, body, fault, k) for k in range(body.get("n", 1))]})
+            return JSONResponse(_openai_error(400, "Your request was rejected by the safety system.",
+                                              "moderation_blocked"), 400)
+        return JSONResponse(_openai_answer(body, fault))
 
     return app
 
 
-# -- Ideogram 3.0 ----------------------------------------------------------------------------------------------------
+# -- Ideogram API v2: POST /v2/image/generate/ideogram-4-5 ---------------------------------------------------------
+# developer.ideogram.ai/api-reference/images/generate/ideogram-4-5
 
-IDEOGRAM_RESOLUTIONS = ("1024x1024", "1152x864", "864x1152", "1280x768", "768x1280", "1344x768", "768x1344",
-                        "1536x640", "640x1536", "1152x896", "896x1152")  # part of the documented list
-IDEOGRAM_CHOICES = {"rendering_speed": ("TURBO", "DEFAULT", "QUALITY"), "magic_prompt": ("AUTO", "ON", "OFF"),
-                    "style_type": ("AUTO", "GENERAL", "REALISTIC", "DESIGN", "FICTION"),
-                    "resolution": IDEOGRAM_RESOLUTIONS,
-                    "aspect_ratio": ("1x1", "1x3", "3x1", "1x2", "2x1", "9x16", "16x9", "10x16", "16x10", "2x3",
-                                     "3x2", "3x4", "4x3", "4x5", "5x4")}
-IDEOGRAM_FIELDS = {"prompt", "seed", "num_images", "negative_prompt", "color_palette", "style_codes",
-                   *IDEOGRAM_CHOICES}
+IDEOGRAM_MODELS = {"ideogram-4-5"}
+IDEOGRAM_FIELDS = {"prompt", "magic_prompt", "images", "mask", "size", "quality", "seed", "num_images",
+                   "enable_copyright_detection", "async", "webhook_url"}
+IDEOGRAM_SIZES = ("1024x1024", "2048x2048", "1440x2880", "2880x1440", "1152x864", "864x1152")  # part of the presets
+IDEOGRAM_CHOICES = {"magic_prompt": ("auto", "on", "off"), "quality": ("low", "medium", "high"),
+                    "size": (*IDEOGRAM_SIZES, "auto")}
 
 
 def _ideogram_error(status: int, message: str) -> dict:
-    return {"detail": message}
+    return {"error": message}
 
 
 def _form(request: Request, raw: bytes) -> dict[str, str] | None:
@@ -294,18 +324,22 @@ def _int_in(value: str | None, low: int, high: int) -> bool:
 
 
 def _ideogram_problems(form: dict[str, str]) -> Iterator[str]:
-    """What Ideogram would answer 422 to, first problem first."""
+    """What Ideogram would answer 400 to, first problem first."""
     unknown = sorted(set(form) - IDEOGRAM_FIELDS)
     if unknown:
         yield f"unknown fields {unknown}"
-    if not form.get("prompt"):
-        yield "field required: prompt"
+    if not form.get("prompt") or len(form["prompt"]) > 10000:
+        yield "prompt is required (1-10000 characters)"
     if not _int_in(form.get("seed"), 0, 2147483647):
         yield f"seed must be an integer in [0, 2147483647], got {form.get('seed')!r}"
     if not _int_in(form.get("num_images"), 1, 8):
         yield f"num_images must be an integer in [1, 8], got {form.get('num_images')!r}"
-    if "resolution" in form and "aspect_ratio" in form:
-        yield "resolution cannot be used in conjunction with aspect_ratio"
+    if form.get("quality") == "very_low":
+        yield "quality very_low requires source images"
+    if form.get("size") == "source":
+        yield "size 'source' requires source images"
+    if form.get("async", "false") != "false":
+        yield "this stand-in answers synchronously only"
     for name, allowed in IDEOGRAM_CHOICES.items():
         if name in form and form[name] not in allowed:
             yield f"{name} must be one of {list(allowed)}, got {form[name]!r}"
@@ -313,55 +347,67 @@ def _ideogram_problems(form: dict[str, str]) -> Iterator[str]:
 
 def _ideogram_item(st: Standin, request: Request, form: dict, fault: str | None, k: int) -> dict:
     seed = int(form.get("seed", 1234)) + k
-    w, h = map(int, form.get("resolution", "1024x1024").split("x"))
+    w, h = map(int, form.get("size", "1024x1024").replace("auto", "2048x2048").split("x"))
     data = NOT_AN_IMAGE if fault == "bad-image" else png(form["prompt"], seed, w, h)
     url = _serve_file(st, request, data, "ephemeral")
     if fault == "bad-b64":
         url = f"{str(request.base_url).rstrip('/')}/ephemeral/expired.png"
-    item = {"prompt": form["prompt"], "resolution": f"{w}x{h}", "is_image_safe": fault != "unsafe", "seed": seed,
-            "style_type": form.get("style_type", "GENERAL"), "url": url}
-    if fault == "unsafe":
-        item["url"] = None
-    return item
+    return {"prompt": form["prompt"], "resolution": f"{w}x{h}", "is_image_safe": fault != "unsafe", "seed": seed,
+            "url": "" if fault == "unsafe" else url}
+
+
+def _ideogram_rate_limited(st: Standin) -> JSONResponse:
+    return JSONResponse({"error": "Too many requests in flight.", "reject_reason": "inflight_limit",
+                         "max_inflight_requests": 10}, 429, headers={"Retry-After": str(st.retry_after_s)})
 
 
 def ideogram_standin(key: str) -> FastAPI:
-    """POST /v1/ideogram-v3/generate as Ideogram documents it (Api-Key header, multipart form, image links)."""
+    """POST /v2/image/generate/{model} as Ideogram documents it (Api-Key header, multipart form, image links)."""
     app, st = _standin_app(key, "ephemeral")
 
-    @app.post("/v1/ideogram-v3/generate")
-    async def generate(request: Request) -> Response:
+    @app.post("/v2/image/generate/{model}")
+    async def generate(model: str, request: Request) -> Response:
         form = _form(request, await request.body())
         await _record(st, request, form or {})
         if request.headers.get("api-key") != key:
             return JSONResponse(_ideogram_error(401, "Unauthorized: invalid Api-Key"), 401)
+        if model not in IDEOGRAM_MODELS or fault_of((form or {}).get("prompt", "")) == "retired":
+            return JSONResponse({"detail": "Not Found"}, 404)
         if form is None:
-            return JSONResponse(_ideogram_error(422, "the request body must be multipart/form-data"), 422)
+            return JSONResponse(_ideogram_error(400, "the request body must be multipart/form-data"), 400)
         problem = next(_ideogram_problems(form), None)
         if problem:
-            return JSONResponse(_ideogram_error(422, problem), 422)
-        fault, answer = await _accept_call(st, request, form["prompt"], _ideogram_error)
+            return JSONResponse(_ideogram_error(400, problem), 400)
+        fault, answer = await _accept_call(st, request, form["prompt"], _ideogram_error,
+                                           rate_limited=_ideogram_rate_limited)
         if answer is not None:
             return answer
         if fault == "refused":
-            return JSONResponse(_ideogram_error(422, "Prompt failed the safety check."), 422)
-        created = datetime.now(UTC).isoformat()
-        if fault == "missing-data":
-            return JSONResponse({"created": created})
-        n = int(form.get("num_images", "1"))
-        return JSONResponse({"created": created, "data": [_ideogram_item(st, request, form, fault, k)
-                                                          for k in range(n)]})
+            return JSONResponse(_ideogram_error(422, "The prompt did not pass safety checks."), 422)
+        seed = int(form.get("seed", 1234))
+        body = {"generation_id": uuid.uuid4().hex, "seed": seed}
+        if fault != "missing-data":
+            body["data"] = [_ideogram_item(st, request, form, fault, k) for k in range(int(form.get("num_images", 1)))]
+        return JSONResponse(body)
 
     return app
 
 
-# -- Google Gemini API: Imagen :predict, Gemini :generateContent -----------------------------------------------------
+# -- Google Gemini API: image models through :generateContent -------------------------------------------------------
+# ai.google.dev/gemini-api/docs/image-generation
 
-IMAGEN_PARAMETERS = {"sampleCount", "aspectRatio", "personGeneration", "imageSize", "includeRaiReason",
-                     "outputOptions", "guidanceScale", "safetySetting", "includeSafetyAttributes", "language"}
-IMAGEN_ASPECTS = ("1:1", "3:4", "4:3", "9:16", "16:9")
+GEMINI_IMAGE_MODELS = {"gemini-3.1-flash-image": ("1K", "2K", "4K"), "gemini-3-pro-image": ("1K", "2K", "4K"),
+                       "gemini-3.1-flash-lite-image": ("1K",)}
+GEMINI_FIELDS = {"contents", "generationConfig", "safetySettings", "systemInstruction", "tools", "toolConfig",
+                 "cachedContent"}
+GENERATION_FIELDS = {"responseModalities", "imageConfig", "seed", "temperature", "topP", "topK", "candidateCount",
+                     "maxOutputTokens", "stopSequences", "thinkingConfig", "responseMimeType"}
 GEMINI_ASPECTS = ("1:1", "2:3", "3:2", "3:4", "4:3", "4:5", "5:4", "9:16", "16:9", "21:9")
 IMAGE_SIZES = {"1K": 1024, "2K": 2048, "4K": 4096}
+# Image output tokens per image (Google's image-generation page): 1K 1120 on every model; 2K 1120 on Pro, 1680 on
+# 3.1 Flash; 4K 2000 on Pro, 2520 on 3.1 Flash.
+GEMINI_IMAGE_TOKENS = {("gemini-3-pro-image", "2K"): 1120, ("gemini-3-pro-image", "4K"): 2000,
+                       ("gemini-3.1-flash-image", "2K"): 1680, ("gemini-3.1-flash-image", "4K"): 2520}
 
 
 def _google_error(status: int, message: str, details: list | None = None) -> dict:
@@ -371,46 +417,34 @@ def _google_error(status: int, message: str, details: list | None = None) -> dic
     return {"error": {**error, "details": details}} if details else {"error": error}
 
 
-def _imagen_problems(model: str, body: dict) -> Iterator[str]:
-    unknown = sorted(set(body) - {"instances", "parameters"})
-    if unknown:
-        yield f'Invalid JSON payload received. Unknown name "{unknown[0]}"'
-    instances = body.get("instances")
-    if not isinstance(instances, list) or len(instances) != 1 or not isinstance(instances[0].get("prompt"), str):
-        yield "instances must hold exactly one {prompt: string}"
-    params = body.get("parameters") or {}
-    if "seed" in params:
-        yield "seed parameter is not supported in Gemini API."
-    extra = sorted(set(params) - IMAGEN_PARAMETERS - {"seed"})
-    if extra:
-        yield f'Invalid JSON payload received. Unknown name "{extra[0]}" at \'parameters\''
-    if not _int_in(str(params.get("sampleCount", 4)), 1, 4):
-        yield f"sampleCount must be between 1 and 4, got {params.get('sampleCount')!r}"
-    if params.get("aspectRatio", "1:1") not in IMAGEN_ASPECTS:
-        yield f"aspectRatio must be one of {list(IMAGEN_ASPECTS)}"
-    if "imageSize" in params and ("fast" in model or params["imageSize"] not in ("1K", "2K")):
-        yield f"imageSize {params['imageSize']!r} is not supported by {model}"
-    if params.get("personGeneration", "allow_adult") not in ("dont_allow", "allow_adult", "allow_all"):
-        yield f"personGeneration {params['personGeneration']!r} is not supported"
+def _unknown_name(body: dict, allowed: set[str], where: str) -> str | None:
+    extra = sorted(set(body) - allowed)
+    return f'Invalid JSON payload received. Unknown name "{extra[0]}" at \'{where}\': Cannot find field.' if extra \
+        else None
 
 
 def _gemini_problems(model: str, body: dict) -> Iterator[str]:
+    config = body.get("generationConfig") or {}
+    image_config = config.get("imageConfig") or {}
+    unknown = (_unknown_name(body, GEMINI_FIELDS, "request"),
+               _unknown_name(config, GENERATION_FIELDS, "generation_config"),
+               _unknown_name(image_config, {"aspectRatio", "imageSize"}, "image_config"))
+    yield from (problem for problem in unknown if problem)
     contents = body.get("contents")
     parts = contents[0].get("parts") if isinstance(contents, list) and contents else None
     if not parts or not isinstance(parts[0].get("text"), str):
         yield "contents must hold a user turn with a text part"
-    config = body.get("generationConfig") or {}
     modalities = config.get("responseModalities", ["TEXT", "IMAGE"])
     if not set(modalities) <= {"TEXT", "IMAGE"}:
         yield f"responseModalities {modalities!r}: the values are TEXT and IMAGE"
-    image_config = config.get("imageConfig") or {}
+    if config.get("candidateCount", 1) != 1:
+        yield f"Multiple candidates is not enabled for models/{model}"
     if image_config.get("aspectRatio", "1:1") not in GEMINI_ASPECTS:
         yield f"imageConfig.aspectRatio must be one of {list(GEMINI_ASPECTS)}"
-    if "imageSize" in image_config and (not model.startswith("gemini-3") or image_config["imageSize"] not in
-                                        IMAGE_SIZES):
+    if image_config.get("imageSize", "1K") not in GEMINI_IMAGE_MODELS[model]:
         yield f"imageConfig.imageSize {image_config['imageSize']!r} is not supported by {model}"
-    if "seed" in config and not isinstance(config["seed"], int):
-        yield "generationConfig.seed must be an integer"
+    if "seed" in config and (not isinstance(config["seed"], int) or not 0 <= config["seed"] < 2**31):
+        yield "generationConfig.seed must be an int32"
 
 
 def _b64_image(prompt: str, seed: int, side: int, fault: str | None) -> str:
@@ -419,29 +453,25 @@ def _b64_image(prompt: str, seed: int, side: int, fault: str | None) -> str:
     return base64.b64encode(NOT_AN_IMAGE if fault == "bad-image" else png(prompt, seed, side, side)).decode()
 
 
-def _imagen_answer(model: str, body: dict, fault: str | None) -> dict:
-    params, prompt = body.get("parameters") or {}, body["instances"][0]["prompt"]
-    if fault == "refused":  # filtered images: a reason when asked for one, else nothing at all
-        reason = "Your current safety filter threshold filtered out the generated images."
-        return {"predictions": [{"raiFilteredReason": reason}]} if params.get("includeRaiReason") else {}
-    if fault == "missing-data":
-        return {"predictions": [{"mimeType": "image/png"}]}
-    side = IMAGE_SIZES[params.get("imageSize", "1K")]
-    return {"predictions": [{"mimeType": "image/png", "bytesBase64Encoded": _b64_image(prompt, k, side, fault)}
-                            for k in range(int(params.get("sampleCount", 4)))]}
-
-
 def _gemini_answer(model: str, body: dict, fault: str | None) -> dict:
     prompt, config = body["contents"][0]["parts"][0]["text"], body.get("generationConfig") or {}
     if fault == "refused":
         return {"promptFeedback": {"blockReason": "PROHIBITED_CONTENT"}, "modelVersion": model}
+    size = (config.get("imageConfig") or {}).get("imageSize", "1K")
     parts: list[dict] = [{"text": "Here is the image you asked for."}]
     if fault != "missing-data":
-        side = IMAGE_SIZES[(config.get("imageConfig") or {}).get("imageSize", "1K")]
-        data = _b64_image(prompt, int(config.get("seed", 0)), side, fault)
+        data = _b64_image(prompt, int(config.get("seed", 0)), IMAGE_SIZES[size], fault)
         parts.append({"inlineData": {"mimeType": "image/png", "data": data}})
-    return {"candidates": [{"content": {"role": "model", "parts": parts}, "finishReason": "STOP", "index": 0}],
-            "modelVersion": model}
+    answer = {"candidates": [{"content": {"role": "model", "parts": parts}, "finishReason": "STOP", "index": 0}],
+              "modelVersion": model}
+    if fault != "no-usage":
+        text, image = len(prompt.split()), GEMINI_IMAGE_TOKENS.get((model, size), 1120)
+        answer["usageMetadata"] = {
+            "promptTokenCount": text, "candidatesTokenCount": image + 10, "totalTokenCount": text + image + 10,
+            "promptTokensDetails": [{"modality": "TEXT", "tokenCount": text}],
+            "candidatesTokensDetails": [{"modality": "IMAGE", "tokenCount": image},
+                                        {"modality": "TEXT", "tokenCount": 10}]}
+    return answer
 
 
 def _google_rate_limit(st: Standin) -> JSONResponse:
@@ -450,8 +480,8 @@ def _google_rate_limit(st: Standin) -> JSONResponse:
 
 
 def google_standin(key: str) -> FastAPI:
-    """POST /v1beta/models/{model}:predict (imagen-*) and :generateContent (gemini-*) as the Gemini API documents
-    them (x-goog-api-key header, JSON bodies, base64 images inline)."""
+    """POST /v1beta/models/{model}:generateContent as the Gemini API documents it for its image models
+    (x-goog-api-key header, JSON body, the image inline as base64, usageMetadata)."""
     app, st = _standin_app(key)
 
     @app.post("/v1beta/models/{target}")
@@ -461,18 +491,18 @@ def google_standin(key: str) -> FastAPI:
         if request.headers.get("x-goog-api-key") != key:
             return JSONResponse(_google_error(400, "API key not valid. Please pass a valid API key."), 400)
         model, _, method = target.partition(":")
-        if (method, model.split("-")[0]) not in (("predict", "imagen"), ("generateContent", "gemini")):
+        prompt = Received("POST", "", {}, body).prompt
+        if method != "generateContent" or model not in GEMINI_IMAGE_MODELS or fault_of(prompt) == "retired":
             return JSONResponse(_google_error(404, f"models/{model} is not found for API version v1beta, or is not "
-                                                   f"supported for {method}."), 404)
-        problems = _imagen_problems if method == "predict" else _gemini_problems
-        problem = next(problems(model, body), None)
+                                                   f"supported for {method}. Call ListModels to see the list of "
+                                                   f"available models and their supported methods."), 404)
+        problem = next(_gemini_problems(model, body), None)
         if problem:
             return JSONResponse(_google_error(400, problem), 400)
-        prompt = Received("POST", "", {}, body).prompt
         fault, answer = await _accept_call(st, request, prompt, _google_error, rate_limited=_google_rate_limit)
         if answer is not None:
             return answer
-        return JSONResponse((_imagen_answer if method == "predict" else _gemini_answer)(model, body, fault))
+        return JSONResponse(_gemini_answer(model, body, fault))
 
     return app
 

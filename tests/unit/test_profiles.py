@@ -74,4 +74,72 @@ def test_hybrid_profile_hosted_tiers_are_light_priced_and_fall_back_to_self_host
     for name, route in policy.routes.items():
         if route.tier in hosted:
             assert route.fallbacks and not set(route.fallbacks) & hosted, name
-    assert args.tiers["premium"].provider_model == "dall-e-3" and args.tiers["premium"].quality == "hd"
+    assert args.tiers["premium"].provider_model == "gpt-image-2.6-sunburst" and args.tiers["premium"].quality == "high"
+
+
+LINE_UP = [
+    pytest.param("typography", "typography", "ideogram", "ideogram-4-5", id="typography_ideogram"),
+    pytest.param("premium", "premium", "openai", "gpt-image-2.6-sunburst", id="hero_gpt_image"),
+    pytest.param("backgrounds", "backgrounds", "google", "gemini-3.1-flash-lite-image", id="backgrounds_nb2_lite"),
+    pytest.param("standard", "standard", "google", "gemini-3.1-flash-image", id="workhorse_nano_banana_2"),
+    pytest.param("pro", "pro", "google", "gemini-3-pro-image", id="pro_branch_nano_banana_pro"),
+]
+
+
+@pytest.mark.parametrize(("route", "tier", "kind", "model"), LINE_UP)
+def test_hybrid_line_up_routes_to_living_dated_hosted_models(route, tier, kind, model):
+    from graph.lifecycle import lifecycle, today
+
+    app = prism_app(load_serve_config(ROOT / "serve_config.hybrid.yaml"))
+    spec = AppArgs.model_validate(app["args"]).tiers[tier]
+    policy = load_policy(deployment_block(app, "Ingress")["user_config"]["routing"])
+    assert policy.routes[route].tier == tier and (spec.kind, spec.provider_model) == (kind, model)
+    assert lifecycle(kind, model, today()).status == "active"
+    assert spec.cost.usd_per_image > 0 and spec.cost.checked and spec.cost.source.startswith("https://")
+
+
+def test_hybrid_defaults_to_the_workhorse_and_branches_paid_users_to_nano_banana_pro():
+    app = prism_app(load_serve_config(ROOT / "serve_config.hybrid.yaml"))
+    policy = load_policy(deployment_block(app, "Ingress")["user_config"]["routing"])
+    assert policy.default_route == "standard"
+    branch = next(r for r in policy.rules if r.route == "pro")
+    assert set(branch.match.user_tiers) == {"pro", "enterprise"} and branch.match.intents is None
+    names = [r.name for r in policy.rules]
+    # Hero shots and text go to their own models first; the branch takes paying users' everyday images.
+    assert names.index("hero-paid-premium") < names.index(branch.name)
+    assert names.index("exact-text") < names.index(branch.name)
+
+
+RETIRED_COPIES = [
+    pytest.param("gpt-image-2.6-sunburst", "dall-e-3", "gpt-image-2.5-sunburst", id="dall_e_3"),
+    pytest.param("gemini-3.1-flash-lite-image", "imagen-4.0-fast-generate-001", "gemini-3.1-flash-image",
+                 id="imagen_4_fast"),
+]
+
+
+@pytest.mark.parametrize(("live", "retired", "successor"), RETIRED_COPIES)
+def test_a_hybrid_copy_naming_a_retired_model_is_refused_naming_the_successor(tmp_path, live, retired, successor):
+    text = (ROOT / "serve_config.hybrid.yaml").read_text()
+    assert f"provider_model: {live}" in text
+    copy = tmp_path / "hybrid-copy.yaml"
+    copy.write_text(text.replace(f"provider_model: {live}", f"provider_model: {retired}"))
+    problems = validate_profile(copy)
+    assert len(problems) == 1 and f"{retired!r} was shut down" in problems[0] and f"use {successor!r}" in problems[0]
+
+
+def test_graph_config_warns_of_an_announced_retirement_and_a_stale_price(tmp_path, monkeypatch):
+    import datetime as dt
+
+    import graph.lifecycle
+    from graph.config import profile_warnings
+    from graph.lifecycle import Retirement
+
+    assert profile_warnings(ROOT / "serve_config.hybrid.yaml") == []
+    soon = Retirement("google", "gemini-3-pro-image", dt.date(2099, 6, 1), "gemini-9-pro-image", "https://x.test/d")
+    monkeypatch.setattr(graph.lifecycle, "CATALOGUE", (soon,))
+    text = (ROOT / "serve_config.hybrid.yaml").read_text().replace("checked: 2026-12-03", "checked: 2020-01-01", 1)
+    copy = tmp_path / "hybrid-copy.yaml"
+    copy.write_text(text)
+    warnings = profile_warnings(copy)
+    assert any("tiers.pro" in w and "announced for retirement on 2099-06-01" in w for w in warnings)
+    assert any("tiers.typography" in w and "checked on 2020-01-01" in w for w in warnings)
