@@ -2,9 +2,9 @@
 
     .venv/bin/python benchmarks/serving.py overhead   # full graph (zero-latency simulated models) vs ingress-only
     .venv/bin/python benchmarks/serving.py routed     # Prism's routing vs everything on the premium tier
-    .venv/bin/python benchmarks/serving.py batching   # built-in tier at concurrency 16: @serve.batch vs batch 1
-    .venv/bin/python benchmarks/serving.py burst      # accepted p95 under a 20x spike vs unloaded; 503 latency
+    .venv/bin/python benchmarks/serving.py batching   # built-in tier at concurrency 16: backlog batches vs batch 1
     .venv/bin/python benchmarks/serving.py records    # render records on vs off (two copies of the graph)
+    .venv/bin/python -m benchmarks.burst --profile sim|cpu   # admission under bursts (benchmarks/burst.py)
 
 Results are recorded in benchmarks/RESULTS.md. Medians and p95 over all requests of a run.
 """
@@ -78,7 +78,7 @@ def start(config: dict) -> None:
     from ray.serve.schema import ServeDeploySchema
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, namespace="serve", log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="serve", log_to_driver=False)
         serve_api.serve_start(http_options={"host": "127.0.0.1", "port": PORT})
     from ray.serve.context import _get_global_client
 
@@ -105,23 +105,33 @@ def sim_config(zero_latency: bool = False) -> dict:
 
 def overhead() -> None:
     cfg = sim_config(zero_latency=True)
+    for spec in cfg["applications"][0]["args"]["tiers"].values():
+        spec["max_concurrency"] = 32  # admission lets concurrency 16 in: this measures the path, not refusals
     bare = {"name": "bare", "route_prefix": "/bare", "import_path": "benchmarks.bare_ingress:app",
             "deployments": [{"name": "BareIngress", "ray_actor_options": {"num_cpus": 0.1},
-                                     "max_ongoing_requests": 64}]}  # same as the graph's Ingress
+                                     "max_ongoing_requests": 64}]}
     cfg["applications"].append(bare)
     start(cfg)
-    body = {"prompt": "flat minimal app icon of a rocket", "size": "64x64", "intent": "icon"}
-    print("graph overhead: /v1/images/generations through the full graph (zero-latency simulated generator) "
-          "vs a one-deployment ingress that parses the same body and returns a 64x64 PNG")
-    for conc in (1, 32):
+    # No `intent` in the body: the classifier (MiniLM + head) runs, as for a normal request.
+    body = {"prompt": "flat minimal app icon of a rocket", "size": "64x64"}
+    print("graph overhead: /v1/images/generations through the full graph (zero-latency simulated generators, the "
+          "intent classified) vs a one-deployment ingress that parses the same body and returns a 64x64 PNG; "
+          "'stages' = the classifier's, post's and encoding's own compute (prism.timings_ms)")
+    for conc in (1, 16):
         n = 60 if conc == 1 else 320
         asyncio.run(drive("/v1/images/generations", [body] * 20, conc))  # warm-up
-        full, _, bad_f = asyncio.run(drive("/v1/images/generations", [body] * n, conc))
+        full, outs, bad_f = asyncio.run(drive("/v1/images/generations", [body] * n, conc))
         bare_l, _, bad_b = asyncio.run(drive("/bare/v1/images/generations", [body] * n, conc))
-        print(f"  concurrency {conc:2d}: full p50 {statistics.median(full):7.1f} ms p95 {pct(full, 95):7.1f} ms | "
-              f"ingress-only p50 {statistics.median(bare_l):6.1f} ms p95 {pct(bare_l, 95):6.1f} ms | "
-              f"ratio p50 {statistics.median(full) / statistics.median(bare_l):.1f}x "
-              f"p95 {pct(full, 95) / pct(bare_l, 95):.1f}x | non-200: {bad_f}/{bad_b}")
+        stages = [sum(o["prism"]["timings_ms"].get(k, 0.0) for k in ("intent", "post", "typography", "encode"))
+                  for o in outs]
+        adds = statistics.median(full) - statistics.median(bare_l) - statistics.median(stages)
+        print(f"  concurrency {conc:2d}: full p50 {statistics.median(full):7.1f} ms p95 {pct(full, 95):7.1f} | "
+              f"ingress-only p50 {statistics.median(bare_l):6.1f} p95 {pct(bare_l, 95):6.1f} | stages p50 "
+              f"{statistics.median(stages):5.1f} | graph adds p50 {adds:5.1f} ms | non-200: {bad_f}/{bad_b}")
+    asyncio.run(drive("/v1/route", [body] * 20, 1))
+    route, _, bad = asyncio.run(drive("/v1/route", [body] * 100, 1))
+    print(f"  /v1/route (classifier + rules, no model) concurrency 1: p50 {statistics.median(route):.1f} ms, "
+          f"p95 {pct(route, 95):.1f} ms, non-200 {bad}")
 
 
 def routed() -> None:
@@ -154,61 +164,39 @@ def routed() -> None:
 
 
 def batching() -> None:
+    """The built-in fast tier at concurrency 16 on one replica: batches taken from the backlog (up to 8) vs batch 1."""
     base = load_serve_config(ROOT / "serve_config.yaml")
     base["http_options"]["port"] = PORT
     app = base["applications"][0]
     app["args"]["tiers"] = {"fast": app["args"]["tiers"]["fast"]}
-    app["args"]["tiers"]["fast"].update(max_batch_size=8, batch_wait_timeout_s=0.02)
+    app["args"]["tiers"]["fast"].update(max_batch_size=8, max_concurrency=16)  # admission lets all 16 in
     app["deployments"] = [d for d in app["deployments"] if not d["name"].startswith("Generator_")
                           or d["name"] == "Generator_fast"]
     for d in app["deployments"]:
         if d["name"] == "Generator_fast":
             d.pop("autoscaling_config", None)
-            d["num_replicas"] = 1
+            d["num_replicas"], d["max_ongoing_requests"] = 1, 16
         if d["name"] == "Ingress":
             routing = d["user_config"]["routing"]
             routing["routes"] = {"fast": {"tier": "fast", "max_latency_ms": 120000}}
             routing["default_route"], routing["rules"], routing["model_aliases"] = "fast", [], {}
+            routing["admission"].pop("max_total", None)
     one = copy.deepcopy(base)
     one["applications"][0]["args"]["tiers"]["fast"]["max_batch_size"] = 1
     body = {"prompt": "flat minimal app icon of a rocket", "size": "64x64", "intent": "icon"}
     results = {}
-    for label, cfg in (("batch 8", base), ("batch 1", one)):
+    for label, cfg in (("backlog batches (max 8)", base), ("batch 1", one)):
         start(cfg)
         asyncio.run(drive("/v1/images/generations", [body] * 16, 16))
         t = time.perf_counter()
-        lat, _, bad = asyncio.run(drive("/v1/images/generations", [body] * 96, 16))
-        results[label] = (len(lat) / (time.perf_counter() - t), statistics.median(lat), bad)
-    print("dynamic batching: built-in fast tier (64 px, 4 steps), 1 replica, concurrency 16, 96 requests")
-    for label, (rps, p50, bad) in results.items():
-        print(f"  {label}: {rps:5.2f} req/s, p50 {p50:7.0f} ms, non-200 {bad}")
-    print(f"  throughput ratio batch 8 / batch 1: {results['batch 8'][0] / results['batch 1'][0]:.2f}x")
-
-
-def burst() -> None:
-    start(sim_config())
-    bodies = [{"prompt": p, "user_tier": t, "size": "256x256", "seed": i} for i, (p, t) in enumerate(MIX * 12)]
-    asyncio.run(drive_statuses("/v1/images/generations", bodies[:8], 2))
-    calm = asyncio.run(drive_statuses("/v1/images/generations", bodies[:40], 2))
-    spike = asyncio.run(drive_statuses("/v1/images/generations", bodies, 40))
-
-    def ok_p95(rows):
-        lat = [ms for st, ms, _ in rows if st == 200]
-        return pct(lat, 95) if lat else float("nan"), len(lat)
-
-    calm_p95, calm_n = ok_p95(calm)
-    spike_p95, spike_n = ok_p95(spike)
-    r503 = [ms for st, ms, ra in spike if st == 503]
-    with_retry = sum(1 for st, _, ra in spike if st == 503 and ra)
-    other = [st for st, _, _ in spike + calm if st not in (200, 503)]
-    print(f"burst (serve_config.sim.yaml): unloaded = concurrency 2 x 40 requests; spike = concurrency 40 x "
-          f"{len(bodies)} requests of the seeds' mix")
-    print(f"  accepted p95: unloaded {calm_p95:.0f} ms ({calm_n} ok) | spike {spike_p95:.0f} ms ({spike_n} ok) | "
-          f"ratio {spike_p95 / calm_p95:.2f}x")
-    if r503:
-        print(f"  503s under the spike: {len(r503)} ({with_retry} with Retry-After), "
-              f"p50 {statistics.median(r503):.0f} ms p99 {pct(r503, 99):.0f} ms")
-    print(f"  errors other than 503: {len(other)} {sorted(set(other))}")
+        lat, out, bad = asyncio.run(drive("/v1/images/generations", [body] * 96, 16))
+        sizes = [o["prism"]["batch_size"] for o in out]
+        results[label] = (len(lat) / (time.perf_counter() - t), statistics.median(lat), bad, statistics.mean(sizes))
+    print("batching: built-in fast tier (32 px model, 8 steps, 64 px answer), 1 replica, concurrency 16, 96 requests")
+    for label, (rps, p50, bad, size) in results.items():
+        print(f"  {label}: {rps:5.2f} req/s, p50 {p50:7.0f} ms, mean batch size {size:.2f}, non-200 {bad}")
+    (b8, *_), (b1, *_) = results.values()
+    print(f"  throughput ratio backlog / batch 1: {b8 / b1:.2f}x")
 
 
 def records() -> None:
@@ -249,5 +237,4 @@ def records() -> None:
 
 
 if __name__ == "__main__":
-    {"overhead": overhead, "routed": routed, "batching": batching, "burst": burst,
-     "records": records}[sys.argv[1]]()
+    {"overhead": overhead, "routed": routed, "batching": batching, "records": records}[sys.argv[1]]()

@@ -1,159 +1,115 @@
-"""Generator deployment: one per tier, same class, configured by a typed ModelSpec.
+"""Generator deployment: one per tier. Renders and finishes a job where its pixels are, in one call.
 
-Requests that arrive together share one pipeline call through @serve.batch: a job for n images contributes
-n prompts; jobs with different step/guidance settings run as separate groups. Every image is checked
-(engines/checks.py) before it leaves the replica; a failed check or an exception comes back as a
-GenerateResult with `failure` set, so the ingress can walk the route's fallback chain. Out of memory on a
-batch splits the batch in halves and retries the parts before giving up (seed 003).
-
-A hosted tier whose provider says its model is gone (`model_retired`) stays unavailable on this replica: /v1/tiers
-shows why (info()), the gauge prism_model_unavailable says so, and every render fails fast to the fallbacks.
+1. A job waits in the replica's backlog; when the engine is free it takes what is queued, up to max_batch_size
+   images, with no timer (graph/backlog.py). Hosted APIs skip the backlog: their calls only wait on the network.
+2. The batch runs in a worker thread (the event loop stays free): the model, the output checks, then per job post
+   to its size, its text composited and OCR-checked, PNG bytes (engines/render.py). The answer is the PNGs.
+3. The replica reports its load for admission at the door (deployments/reports.py), and a hosted tier whose provider
+   says its model is gone (`model_retired`) stays unavailable here: /v1/tiers shows why, prism_model_unavailable too.
 """
 
 import asyncio
 import logging
 import time
+from collections import Counter
 
 import ray
 from ray import serve
 
-from engines.checks import OutputCheckFailed, check_image
-from engines.generators import ModelSpec, build_engine, is_oom
+from deployments.reports import LoadReporter
+from engines.checks import check_image
+from engines.finish import Finisher
+from engines.generators import REMOTE_KINDS, ModelSpec, build_engine
 from engines.health import HealthGate, ReplicaUnhealthy
+from engines.post import PostSpec
+from engines.render import Failure, Renderer
+from graph.backlog import Backlog
 from graph.cost import price_card
-from graph.schemas import GenerateJob, GenerateResult
+from graph.schemas import GenerateJob, GenerateResult, TypographySpec
 
 log = logging.getLogger("prism.generator")
 
 
-class _Failure:
-    __slots__ = ("reason", "detail", "retry_after_s")
-
-    def __init__(self, reason: str, detail: str, retry_after_s: float | None = None):
-        self.reason, self.detail, self.retry_after_s = reason, detail, retry_after_s
-
-    @classmethod
-    def of(cls, e: BaseException, reason: str) -> "_Failure":
-        """An exception as a failure. Its own `reason` wins when it is a reason code (engines/remote.py's errors;
-        not e.g. UnicodeDecodeError's prose), and a hosted API's 429 brings the wait it asked for."""
-        own = getattr(e, "reason", None)
-        if isinstance(own, str) and own.isidentifier() and own.islower():
-            reason = own
-        return cls(reason, f"{type(e).__name__}: {e}", getattr(e, "retry_after_s", None))
-
-
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=8)
 class Generator:
-    def __init__(self, spec: dict):
-        """Validate the spec and load the model (local or built-in weights only)."""
+    def __init__(self, spec: dict, finish: dict | None = None, tier: str = ""):
+        """Validate the spec, load the model (local or built-in weights only), the upscaler and the OCR."""
         self.spec = ModelSpec.model_validate(spec)  # refuses a hosted model its provider has shut down
         self.engine = build_engine(self.spec)
         self.lifecycle_warning = _lifecycle_warning(self.spec)
         if self.lifecycle_warning:
             log.warning("%s: %s", self.spec.name, self.lifecycle_warning)
-        self.unavailable_gauge = _unavailable_gauge()
-        self.size = (self.spec.native_size, self.spec.native_size)
+        finish = finish or {}
+        finisher = Finisher(PostSpec.model_validate(finish.get("post") or {}),
+                            TypographySpec.model_validate(finish.get("typography") or {}))
         self.stats = {"running": 0, "batches": 0, "oom_splits": 0, "failed_checks": 0, "cancelled": 0,
                       "health_probes": 0, "health_failures": 0}
-        self.health = HealthGate(threshold=self.spec.health_failures_to_replace)
         # The GPU share this replica holds (its ray_actor_options num_gpus): the cost of a GPU second.
-        self.gpu_fraction = float(ray.get_runtime_context().get_assigned_resources().get("GPU", 0.0))
-        self.remote = hasattr(self.engine, "agenerate")
-        # @serve.batch's limits are per tier: applied from the spec, not hard-coded.
-        self._batched.set_max_batch_size(self.spec.max_batch_size)
-        self._batched.set_batch_wait_timeout_s(self.spec.batch_wait_timeout_s)
+        gpu_fraction = float(ray.get_runtime_context().get_assigned_resources().get("GPU", 0.0))
+        self.renderer = Renderer(self.engine, self.spec, finisher, self.stats, self._noted, gpu_fraction)
+        self.health = HealthGate(threshold=self.spec.health_failures_to_replace)
+        self.remote = self.spec.kind in REMOTE_KINDS
+        self.backlog = Backlog(self._run_batch, self.spec.max_batch_size)
+        # Renders held, by the ingress replica that sent them; EWMA seconds of one job here (queue excluded).
+        self.inflight, self.by_caller, self.service_s = 0, Counter(), None
+        self.metrics, self.unavailable_gauge = _metrics(), _unavailable_gauge()
+        ctx = serve.get_replica_context()
+        self.reporter = LoadReporter(ctx.app_name, tier or ctx.deployment.removeprefix("Generator_"),
+                                     ctx.replica_id.unique_id,
+                                     lambda: (self.inflight, self.service_s, dict(self.by_caller)))
 
     async def generate(self, job: GenerateJob) -> GenerateResult:
-        """Render one job (batched with concurrent ones); failures come back in `failure`, never raised.
-
-        Hosted APIs skip @serve.batch: it runs one batch at a time per replica, and a hosted call only waits on the
-        network, so jobs run concurrently (a job's n images still share one provider call where it allows).
-        """
+        """Render and finish one job (batched with what else is queued); failures come back in `failure`."""
+        self.inflight += 1
+        self.by_caller[job.caller] += 1
         self.stats["running"] += 1
+        t0 = time.perf_counter()
         try:
-            if self.remote:
-                return (await self._run_jobs([job]))[0]
-            return await self._batched(job)
+            if self.remote:  # a hosted call only waits on the network: no batch, calls run side by side
+                result = (await self._run_batch([job]))[0]
+            else:
+                key = (job.steps or self.spec.steps, self.spec.guidance if job.guidance is None else job.guidance)
+                result = await self.backlog.submit(job, size=job.n, key=key)
         except asyncio.CancelledError:
             self.stats["cancelled"] += 1  # the client went away; Serve cancelled this request
             raise
         finally:
+            self.inflight -= 1
+            self.by_caller[job.caller] -= 1
+            if self.by_caller[job.caller] <= 0:
+                del self.by_caller[job.caller]
             self.stats["running"] -= 1
+        elapsed = time.perf_counter() - t0
+        result.timings_ms["queue"] = round(max(0.0, elapsed * 1000 - sum(result.timings_ms.values())), 2)
+        if result.failure is None:
+            work = (elapsed * 1000 - result.timings_ms["queue"]) / 1000
+            self.service_s = work if self.service_s is None else 0.8 * self.service_s + 0.2 * work
+            self.health.ok()  # the model just rendered: as good as a passing probe
+        return result
 
-    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.01)
-    async def _batched(self, jobs: list[GenerateJob]) -> list[GenerateResult]:
-        return await self._run_jobs(jobs)
-
-    async def _run_jobs(self, jobs: list[GenerateJob]) -> list[GenerateResult]:
+    async def _run_batch(self, jobs: list[GenerateJob]) -> list[GenerateResult]:
         self.stats["batches"] += 1
-        groups: dict[tuple[int, float], list[int]] = {}
-        for i, job in enumerate(jobs):
-            key = (job.steps or self.spec.steps, self.spec.guidance if job.guidance is None else job.guidance)
-            groups.setdefault(key, []).append(i)
-        results: list[GenerateResult | None] = [None] * len(jobs)
-        for (steps, guidance), idx in groups.items():
-            items = [(i, jobs[i].prompt, jobs[i].seed + k) for i in idx for k in range(jobs[i].n)]
-            t0 = time.perf_counter()
-            billed: list = []  # hosted tiers: per item, what the provider said it cost (None: not said)
-            outputs = await self._render_splitting(items, steps, guidance, billed)
-            per_image_s = (time.perf_counter() - t0) / len(items)  # the batch's compute, shared by image count
-            for i in idx:
-                mine = [o for (j, _, _), o in zip(items, outputs, strict=True) if j == i]
-                usd = [b for (j, _, _), b in zip(items, billed, strict=False) if j == i]
-                results[i] = self._result(mine, steps, guidance, per_image_s * len(mine), len(items), usd)
-        return results
-
-    def _result(self, outputs: list, steps: int, guidance: float, compute_s: float, batch: int,
-                billed: list | None = None) -> GenerateResult:
-        failure = next((o for o in outputs if isinstance(o, _Failure)), None)
-        extra = {"batch_size": batch, "note": getattr(self.engine, "note", None), "gpu_fraction": self.gpu_fraction}
-        if failure and failure.retry_after_s is not None:
-            extra["retry_after_s"] = failure.retry_after_s
-        reported = [usd for usd in billed or [] if usd is not None]
-        if reported and not failure:  # the ingress charges these images what the provider said, the rest list price
-            extra["usd_reported"], extra["images_reported"] = round(sum(reported), 8), len(reported)
-        return GenerateResult(
-            images=[] if failure else outputs, model=self.engine.name, model_version=self.engine.version,
-            steps=steps, guidance=guidance, compute_s=compute_s, failure=failure.reason if failure else None,
-            detail=failure.detail if failure else "",
-            extra=extra)
-
-    async def _render_splitting(self, items: list[tuple], steps: int, guidance: float,
-                                billed: list | None = None) -> list:
-        """Render items in one call; on OOM split in halves and retry each part; check every output. A hosted
-        tier's per-item cost, as its provider reported it, is appended to `billed`."""
-        prompts, seeds = [p for _, p, _ in items], [s for _, _, s in items]
+        self.metrics.observe(len(jobs), tags={"model": self.spec.name})
+        steps = jobs[0].steps or self.spec.steps
+        guidance = self.spec.guidance if jobs[0].guidance is None else jobs[0].guidance
+        delay = self.engine.delay_s(sum(job.n for job in jobs))
+        if delay:  # a simulated model's latency: on the loop, so a cancelled request frees the replica at once
+            await asyncio.sleep(delay)
+        if not self.remote:
+            return await asyncio.to_thread(self.renderer.render, jobs, steps, guidance)
+        items = self.renderer.items(jobs)
+        t0 = time.perf_counter()
         try:
-            delay = self.engine.delay_s(len(prompts))
-            if delay:
-                await asyncio.sleep(delay)
-            if hasattr(self.engine, "arender"):  # hosted APIs: awaited on the replica's loop, no thread held
-                rendered = await self.engine.arender(prompts, seeds)
-                raw = [getattr(r, "image", r) for r in rendered]
-                (billed if billed is not None else []).extend(getattr(r, "usd", None) for r in rendered)
-            else:
-                raw = await asyncio.to_thread(self.engine.generate, prompts, seeds, steps, guidance)
+            rendered = await self.engine.arender([it.prompt for it in items], [it.seed for it in items])
         except Exception as e:
-            if is_oom(e) and len(items) > 1:
-                self.stats["oom_splits"] += 1
-                half = len(items) // 2
-                return (await self._render_splitting(items[:half], steps, guidance)
-                        + await self._render_splitting(items[half:], steps, guidance))
-            reason = "oom" if is_oom(e) else ("nan" if isinstance(e, FloatingPointError) else "error")
-            return [self._noted(_Failure.of(e, reason))] * len(items)  # the exception's own `reason` wins
-        flat_ok = getattr(self.engine, "flat_ok", None)
-        flat = flat_ok(prompts) if flat_ok else [False] * len(raw)
-        self.health.ok()  # the model just rendered: as good as a passing probe
-        return [self._check(o, f) for o, f in zip(raw, flat, strict=True)]
+            rendered = [e] * len(items)
+        model_s = time.perf_counter() - t0
+        raw, billed = [getattr(r, "image", r) for r in rendered], [getattr(r, "usd", None) for r in rendered]
 
-    def _check(self, output, flat_ok: bool = False):
-        if isinstance(output, Exception):  # a hosted call that failed for this prompt only (engines/remote.py)
-            return self._noted(_Failure.of(output, "error"))
-        try:
-            return check_image(output, self.size, allow_flat=flat_ok)
-        except OutputCheckFailed as e:
-            self.stats["failed_checks"] += 1
-            return _Failure(e.reason, e.detail)
+        def finish():
+            outputs = self.renderer.check(raw, [it.prompt for it in items])
+            return self.renderer.finish(jobs, items, outputs, steps, guidance, model_s, billed)
+        return await asyncio.to_thread(finish)
 
     async def check_health(self) -> None:
         """Serve's health check (every health_check_period_s): a real 1-step render of the model, bounded by
@@ -164,7 +120,7 @@ class Generator:
         self.stats["health_probes"] += 1
         try:
             out = await asyncio.wait_for(asyncio.to_thread(self._probe), self.spec.health_probe_timeout_s)
-            check_image(out, self.size, allow_flat=True)
+            check_image(out, (self.spec.native_size, self.spec.native_size), allow_flat=True)
             self.health.ok()
         except ReplicaUnhealthy:
             raise
@@ -172,12 +128,10 @@ class Generator:
             self.stats["health_failures"] += 1
             self.health.failed(f"{type(e).__name__}: {e}")
 
-    def _noted(self, failure: _Failure) -> _Failure:
+    def _noted(self, failure: Failure) -> None:
         """A failure that makes the tier unavailable (its model is gone) is logged by the engine and shown here."""
-        gauge = getattr(self, "unavailable_gauge", None)
-        if failure.reason == "model_retired" and gauge is not None:
-            gauge.set(1, tags={"model": self.spec.name, "reason": failure.reason})
-        return failure
+        if failure.reason == "model_retired":
+            self.unavailable_gauge.set(1, tags={"model": self.spec.name, "reason": failure.reason})
 
     def _probe(self):
         probe = getattr(self.engine, "probe", None)
@@ -189,9 +143,16 @@ class Generator:
                 "gpu_ids": [str(g) for g in ray.get_gpu_ids()], "device": getattr(self.engine, "device", "cpu"),
                 "native_size": self.spec.native_size, "steps": self.spec.steps, "guidance": self.spec.guidance,
                 "stats": dict(self.stats), "replica": serve.get_replica_context().replica_id.unique_id,
-                "node_id": ray.get_runtime_context().get_node_id(),
+                "node_id": ray.get_runtime_context().get_node_id(), "inflight": self.inflight,
+                "backlog": {"waiting": len(self.backlog), "batches": self.backlog.batches,
+                            "mean_batch_size": round(self.backlog.mean_batch_size, 3)},
                 "health": {"consecutive_failures": self.health.failures, "last_error": self.health.last_error},
-                **_availability(self.engine, getattr(self, "lifecycle_warning", None), self.spec)}
+                **_availability(self.engine, self.lifecycle_warning, self.spec)}
+
+    def __del__(self):
+        reporter = getattr(self, "reporter", None)
+        if reporter is not None:
+            reporter.stop()
 
 
 def _availability(engine, warning: str | None, spec: ModelSpec) -> dict:
@@ -203,8 +164,6 @@ def _availability(engine, warning: str | None, spec: ModelSpec) -> dict:
 
 
 def _lifecycle_warning(spec: ModelSpec) -> str | None:
-    from engines.generators import REMOTE_KINDS
-
     if spec.kind not in REMOTE_KINDS:
         return None
     from engines.remote import lifecycle_warning
@@ -218,3 +177,10 @@ def _unavailable_gauge():
 
     return Gauge("prism_model_unavailable", description="1 while the provider says this tier's model is gone.",
                  tag_keys=("model", "reason"))
+
+
+def _metrics():
+    from ray.serve.metrics import Histogram
+
+    return Histogram("prism_batch_size", description="Jobs per model batch taken from the backlog.",
+                     boundaries=[1, 2, 4, 8, 16, 32], tag_keys=("model",))

@@ -54,7 +54,8 @@ class TextEncoder:
         out = []
         with torch.inference_mode():
             for i in range(0, len(texts), batch_size):
-                tok = self.tokenizer(list(texts[i:i + batch_size]), padding=True, truncation=True, max_length=64,
+                # 128 tokens, as the intent stage embeds: a served render reuses its embedding (captions are short).
+                tok = self.tokenizer(list(texts[i:i + batch_size]), padding=True, truncation=True, max_length=128,
                                      return_tensors="pt").to(self.device)
                 h = self.model(**tok).last_hidden_state
                 m = tok["attention_mask"].unsqueeze(-1).to(h.dtype)
@@ -92,7 +93,8 @@ class BuiltinModel:
         self.dtype = dtype
         self.train_config = dict(DDPMScheduler.from_pretrained(self.path / "scheduler").config)
         self.cond = {k: v.float().numpy() for k, v in load_file(str(self.path / "conditioning.safetensors")).items()}
-        self.encoder = encoder or TextEncoder(device)
+        # Loaded on first use: served renders bring the prompt's embedding from the ingress (MiniLM runs once).
+        self._encoder = encoder
         self.patch = int(self.meta.get("recipe", {}).get("patch", 1))
         self.size = int(self.unet.config.sample_size) * self.patch
 
@@ -101,10 +103,20 @@ class BuiltinModel:
         h = hashlib.sha256((self.path / "unet" / "diffusion_pytorch_model.safetensors").read_bytes())
         return f"{self.path.name}-{h.hexdigest()[:12]}"
 
-    def condition(self, prompts: list[str]) -> np.ndarray:
-        return condition(self.cond, self.encoder(prompts))
+    @property
+    def encoder(self) -> TextEncoder:
+        if self._encoder is None:
+            self._encoder = TextEncoder(self.device)
+        return self._encoder
 
-    def parse(self, prompts: str | list[str]) -> dict[str, str] | list[dict[str, str]]:
+    def embed(self, prompts: list[str], embeddings=None) -> np.ndarray:
+        """The prompts' MiniLM embeddings: the ones given (from the ingress), else computed here."""
+        return np.asarray(embeddings, np.float32) if embeddings is not None else self.encoder(prompts)
+
+    def condition(self, prompts: list[str], embeddings=None) -> np.ndarray:
+        return condition(self.cond, self.embed(prompts, embeddings))
+
+    def parse(self, prompts: str | list[str], embeddings=None) -> dict[str, str] | list[dict[str, str]]:
         """What the caption parser reads in prompts (most likely label per attribute)."""
         from engines.shapes import ATTRIBUTES
 
@@ -113,7 +125,7 @@ class BuiltinModel:
         if not any(k.startswith("parser.") for k in self.cond):
             return [{} for _ in batch] if many else {}
         out = []
-        for feats in parse_features(self.cond, self.encoder(batch)):
+        for feats in parse_features(self.cond, self.embed(batch, embeddings)):
             read, off = {}, 0
             for g, names in ATTRIBUTES.items():
                 read[g], off = names[int(np.argmax(feats[off:off + len(names)]))], off + len(names)
@@ -147,8 +159,9 @@ class BuiltinModel:
         return ((x.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).float().cpu().numpy()
 
     def generate(self, prompts: list[str], seeds: list[int], steps: int, guidance: float,
-                 sampler: str | None = None, on_step=None) -> np.ndarray:
-        return self.sample(self.condition(prompts), seeds, steps, guidance, sampler or self.meta["sampler"], on_step)
+                 sampler: str | None = None, on_step=None, embeddings=None) -> np.ndarray:
+        return self.sample(self.condition(prompts, embeddings), seeds, steps, guidance,
+                           sampler or self.meta["sampler"], on_step)
 
 
 def parse_features(cond: dict[str, np.ndarray], emb: np.ndarray) -> np.ndarray:

@@ -86,8 +86,14 @@ class ModelSpec(BaseModel):
     # simulated
     latency_ms_p50: float | None = Field(default=None, gt=0)
     latency_ms_p95: float | None = Field(default=None, gt=0)
-    batch_efficiency: float = Field(default=0.6, ge=0, le=1,
-                                     description="simulated: extra batch items cost this fraction of one.")
+    batch_efficiency: float = Field(
+        default=0.6, ge=0, le=1,
+        description="What each extra image in a batch costs, as a fraction of one render (a batch of b takes "
+                    "1 + batch_efficiency x (b - 1) renders' time). Simulated: its latency model; every kind: how "
+                    "many renders admission lets a replica take at once for the policy's max_slowdown.")
+    max_concurrency: int | None = Field(
+        default=None, ge=1, le=256,
+        description="Renders one replica takes at once (admission's slots), overriding the batch_efficiency rule.")
     # remote: openai, ideogram, google (engines/remote.py checks each value against what the provider documents)
     provider_model: str | None = Field(
         default=None, description="remote: the provider's model, e.g. gpt-image-2.6-sunburst, ideogram-4-5, "
@@ -258,6 +264,7 @@ class BuiltinEngine:
     """A shipped built-in model (engines/builtin.py) behind the Engine interface."""
 
     note = BUILTIN_NOTE
+    takes_embeddings = True  # conditions on the prompt's MiniLM embedding, which the ingress already made
 
     def __init__(self, spec: ModelSpec):
         import torch
@@ -274,14 +281,17 @@ class BuiltinEngine:
     def delay_s(self, batch: int) -> float:
         return 0.0
 
-    def flat_ok(self, prompts: list[str]) -> list[bool]:
+    def flat_ok(self, prompts: list[str], embeddings=None) -> list[bool]:
         """Prompts that ask for a plain one-colour background: a flat render is right there, not a failure."""
-        return [p["shape"] == "none" and p["background"] == "solid" for p in self.model.parse(list(prompts))]
+        return [p["shape"] == "none" and p["background"] == "solid"
+                for p in self.model.parse(list(prompts), embeddings)]
 
-    def generate(self, prompts: list[str], seeds: list[int], steps: int, guidance: float) -> list[np.ndarray]:
-        """Float32 HxWx3 arrays in [0, 1]; NaN/Inf in the latents aborts at that step."""
+    def generate(self, prompts: list[str], seeds: list[int], steps: int, guidance: float,
+                 embeddings=None) -> list[np.ndarray]:
+        """Float32 HxWx3 arrays in [0, 1]; NaN/Inf in the latents aborts at that step. `embeddings`: the prompts'
+        MiniLM embeddings when the caller has them (the ingress's intent stage), so MiniLM runs once a prompt."""
         imgs = self.model.generate(list(prompts), list(seeds), int(steps), float(guidance), self.spec.sampler,
-                                   on_step=_abort_on_nonfinite_step)
+                                   on_step=_abort_on_nonfinite_step, embeddings=embeddings)
         return list(imgs)
 
 

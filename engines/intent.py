@@ -109,7 +109,11 @@ class IntentModel:
             raise ValueError(f"intent head classes {self.head.classes} differ from {INTENTS}")
 
     def classify(self, prompts: list[str]) -> list[dict]:
-        probs = self.head.probs(self.embedder(prompts))
+        return self.label(prompts, self.embedder(prompts))
+
+    def label(self, prompts: list[str], emb: np.ndarray) -> list[dict]:
+        """Rules and head over embeddings already made (the ingress keeps them for the built-in models)."""
+        probs = self.head.probs(emb)
         out = []
         for prompt, p in zip(prompts, probs, strict=True):
             scores = {c: round(float(v), 4) for c, v in zip(self.head.classes, p, strict=True)}
@@ -123,6 +127,62 @@ class IntentModel:
             out.append({"label": label, "confidence": scores[label], "scores": scores, "source": "classifier",
                         "text_to_render": None})
         return out
+
+
+class IntentStage:
+    """The classifier inside the ingress process: no network hop on a request's path. Prompts that arrive while
+    MiniLM runs are embedded together in the next batch (graph/backlog.py), on a thread of their own (a wedged
+    classifier holds only that thread); each answer keeps its prompt's embedding for the built-in models."""
+
+    def __init__(self, model: IntentModel | None = None, fault_marker_path: str | None = None, max_batch: int = 32):
+        from concurrent.futures import ThreadPoolExecutor
+
+        from graph.backlog import Backlog
+
+        self.model = model or IntentModel()
+        self.fault_marker_path = fault_marker_path  # tests only: classify hangs while this file exists
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="intent")
+        self.backlog = Backlog(self._run, max_batch)
+
+    async def classify(self, prompt: str) -> tuple[dict, list[float]]:
+        """(IntentResult fields, the prompt's 384-d MiniLM embedding)."""
+        return await self.backlog.submit(prompt)
+
+    async def intent_of(self, prompt: str, intent: str | None, text: str | None, timeout_s: float):
+        """(IntentResult, embedding or None) for a request: its own `intent` wins; past `timeout_s`, or when the
+        classifier fails, the request goes by the rules that need no intent (source "unavailable", degraded)."""
+        import asyncio
+        import logging
+
+        from graph.schemas import IntentResult
+
+        if intent is not None:
+            return IntentResult(label=intent, confidence=1.0, scores={intent: 1.0}, source="override",
+                                text_to_render=text or extract_text(prompt)), None
+        try:
+            raw, embedding = await asyncio.wait_for(self.classify(prompt), timeout_s)
+            result = IntentResult.model_validate(raw)
+        except Exception as e:  # wedged (timeout) or broken: route without it
+            logging.getLogger("prism.intent").warning("intent stage unavailable (%s); routing without an intent",
+                                                      type(e).__name__)
+            result, embedding = IntentResult(label=None, confidence=0.0, scores={}, source="unavailable",
+                                             text_to_render=extract_text(prompt)), None
+        result.text_to_render = text or result.text_to_render
+        return result, embedding
+
+    async def _run(self, prompts: list[str]) -> list[tuple[dict, list[float]]]:
+        import asyncio
+
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self._classify, prompts)
+
+    def _classify(self, prompts: list[str]) -> list[tuple[dict, list[float]]]:
+        import os
+        import time
+
+        while self.fault_marker_path and os.path.exists(self.fault_marker_path):
+            time.sleep(0.1)  # a wedged classifier, injected: the ingress must not wait on it forever
+        emb = self.model.embedder(prompts)
+        return [(res, e.tolist()) for res, e in zip(self.model.label(prompts, emb), emb, strict=True)]
 
 
 def load_jsonl(path: Path) -> list[dict]:

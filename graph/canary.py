@@ -122,3 +122,40 @@ class CanaryMonitor:
     def same_canary(self, other: Canary) -> bool:
         """A policy reload that keeps tier and weight keeps this monitor (and a rollback stays in force)."""
         return (other.tier, other.weight) == (self.canary.tier, self.canary.weight)
+
+
+class Canaries:
+    """The policy's canary splits on one ingress replica: their monitors, and the rollbacks they made."""
+
+    MAX_EVENTS = 50
+
+    def __init__(self):
+        self.monitors: dict[str, CanaryMonitor] = {}
+        self.events: list[dict] = []
+
+    def apply(self, routes: dict) -> None:
+        """A new policy: a canary whose tier and weight did not change keeps its window (and a rollback stays in
+        force); a new tier or weight starts afresh, which is how an operator re-enables a rolled-back canary."""
+        kept = {}
+        for name, route in routes.items():
+            old = self.monitors.get(name)
+            if route.canary is not None:
+                kept[name] = old if old is not None and old.same_canary(route.canary) else CanaryMonitor(route.canary)
+        self.monitors = kept
+
+    def weights(self) -> dict[str, tuple[Canary, float]]:
+        """route -> (its canary, the effective weight: configured, or 0 after a rollback)."""
+        return {name: (m.canary, m.weight) for name, m in self.monitors.items()}
+
+    def judge(self, route: str | None, canary: bool, failed: bool, latency_ms: float) -> dict | None:
+        """Count a canary render against its route's window; the rollback event when this one breached it."""
+        monitor = self.monitors.get(route or "")
+        if not canary or monitor is None:
+            return None
+        monitor.record(failed, latency_ms)
+        reason = monitor.breach()
+        if reason is None:
+            return None
+        event = monitor.roll_back(route, reason)
+        self.events = [*self.events, event][-self.MAX_EVENTS:]
+        return event

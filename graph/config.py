@@ -32,8 +32,8 @@ def deployment_block(app: dict, name: str) -> dict:
 
 def validate_profile(path: str | Path) -> list[str]:
     """Every problem in a profile (app args, routing policy vs tiers); empty when it is deployable."""
-    from graph.app import AppArgs, generator_deployment_name
     from graph.routing import load_policy
+    from graph.settings import AppArgs, generator_deployment_name
 
     problems = []
     app = prism_app(load_serve_config(path))
@@ -43,15 +43,33 @@ def validate_profile(path: str | Path) -> list[str]:
         return [f"args: {e}"]
     ingress = deployment_block(app, "Ingress")
     try:
-        load_policy((ingress.get("user_config") or {}).get("routing", {}), tiers=set(args.tiers))
+        policy = load_policy((ingress.get("user_config") or {}).get("routing", {}), tiers=set(args.tiers))
+        problems += autoscaling_problems(app, {t: s.model_dump() for t, s in args.tiers.items()},
+                                         policy.admission.max_slowdown)
     except ValueError as e:
         problems.append(str(e))
-    known = {"Ingress", "IntentClassifier", "Upscaler", "Typography",
+    known = {"Ingress",
              *(generator_deployment_name(t) for t in args.tiers)}
     for d in app.get("deployments", []):
         if d.get("name") not in known:
             problems.append(f"deployments: {d.get('name')!r} is not a deployment of this app ({sorted(known)})")
     return problems
+
+
+def autoscaling_problems(app: dict, tiers: dict[str, dict], max_slowdown: float) -> list[str]:
+    """An autoscaled tier whose target_ongoing_requests is not below its admission slots never scales out: admission
+    never lets a replica hold more than its slots, so the autoscaler never sees it past its target."""
+    from graph.admission import tier_slots
+    from graph.settings import generator_deployment_name
+
+    out = []
+    for tier, spec in tiers.items():
+        auto = deployment_block(app, generator_deployment_name(tier)).get("autoscaling_config") or {}
+        target, slots = auto.get("target_ongoing_requests"), tier_slots(spec, max_slowdown)
+        if auto.get("max_replicas", 1) > auto.get("min_replicas", 1) and target is not None and target >= slots:
+            out.append(f"deployments: Generator_{tier} autoscales at target_ongoing_requests {target:g}, but admission "
+                       f"gives a replica {slots} slot(s): set the target below {slots} or it never scales out")
+    return out
 
 
 def profile_warnings(path: str | Path) -> list[str]:

@@ -134,6 +134,11 @@ class StoreSpend:
         self._local: list[tuple[float, str, float]] = []  # (wall time, user tier, USD) charged here since the read
         self._reading: asyncio.Task | None = None
 
+    @property
+    def ready(self) -> bool:
+        """The store's sums were read at least once."""
+        return self._read_at > -math.inf
+
     def add(self, user_tier: str, usd: float) -> None:
         """A render this replica charged (its record already committed to the store)."""
         if usd > 0:

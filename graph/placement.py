@@ -24,7 +24,6 @@ from graph.config import load_serve_config, prism_app
 UNIT = 10_000
 EPS_GB = 1e-9
 GENERATOR_PREFIX = "Generator_"
-UPSCALER = "Upscaler"
 UPSCALER_DEFAULT_GB = 2.0  # engines.post.PostSpec.gpu_memory_gb's default (kept equal by a unit test)
 SERVE_DEFAULT_NUM_CPUS = 1.0  # Ray Serve reserves one CPU per replica when ray_actor_options omits num_cpus
 
@@ -112,10 +111,9 @@ def replicas_at_max_scale(block: dict) -> int:
 
 
 def _memory_gb(name: str, args: dict) -> float:
-    """Stated peak GPU memory of one replica of a GPU deployment."""
-    if name == UPSCALER:
-        memory = (args.get("post") or {}).get("gpu_memory_gb", UPSCALER_DEFAULT_GB)
-    elif name.startswith(GENERATOR_PREFIX):
+    """Stated peak GPU memory of one replica of a GPU deployment: its model's, plus the upscaler's when post runs on
+    the GPU (a generator replica finishes its renders where the pixels are, upscaler included)."""
+    if name.startswith(GENERATOR_PREFIX):
         tier = name.removeprefix(GENERATOR_PREFIX)
         spec = (args.get("tiers") or {}).get(tier)
         if spec is None:
@@ -124,9 +122,12 @@ def _memory_gb(name: str, args: dict) -> float:
         if memory is None:
             raise ValueError(f"tier {tier!r} ({name}) asks for num_gpus but states no `gpu_memory_gb`: "
                              f"the planner cannot check what shares its GPU")
+        post = args.get("post") or {}
+        if post.get("gpuid", -1) >= 0:
+            memory += post.get("gpu_memory_gb", UPSCALER_DEFAULT_GB)
     else:
         raise ValueError(f"deployment {name!r} asks for GPUs but has no stated memory "
-                         f"(only {GENERATOR_PREFIX}<tier> and {UPSCALER} state one)")
+                         f"(only {GENERATOR_PREFIX}<tier> states one)")
     if memory < 0:
         raise ValueError(f"deployment {name!r}: `gpu_memory_gb` must be >= 0 but is {memory}")
     return float(memory)

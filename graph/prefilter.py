@@ -77,3 +77,45 @@ def _blocked(prompt: str, cfg: PrefilterConfig) -> str | None:
         if re.search(rf"(?<!\w){re.escape(term.lower())}(?!\w)", low):
             return f"it contains the blocked term {term!r}"
     return None
+
+
+# Characters the typography stage can draw (DejaVu) and its OCR reads back in words (measured with rapidocr's
+# PP-OCR model: tests/unit/test_prefilter.py renders and reads them). Left out: _ < > ~ ^ | { } \ ` and symbols
+# such as € £ ¥ © ®, which OCR misreads or drops, so a render carrying them would fail its check after two
+# layouts; curly quotes and dashes are in (the OCR comparison maps them to ASCII).
+TEXT_PUNCTUATION = " .,:;!?'\"&%#$+=@/()[]-*‘’“”–—"
+TEXT_LETTERS = "".join(chr(c) for c in range(0xC0, 0x100) if chr(c) not in "×÷")
+TEXT_CHARSET = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789" + TEXT_PUNCTUATION
+                         + TEXT_LETTERS)
+TEXT_CHARSET_DESCRIPTION = (f"letters A-Z a-z (with Latin-1 accents such as é ü ñ), digits 0-9, space and "
+                            f"{TEXT_PUNCTUATION.strip()}")
+
+
+def check_text_chars(text: str, param: str = "text") -> None:
+    """422 naming the characters of `text` the typography stage cannot draw and read back, and the supported set:
+    refused at the door instead of costing two renders and a 502."""
+    bad = sorted({ch for ch in text if ch not in TEXT_CHARSET})
+    if bad:
+        shown = ", ".join(repr(ch) if ch.isprintable() else f"U+{ord(ch):04X}" for ch in bad[:10])
+        more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
+        raise InvalidRequest(f"`{param}` has characters the typography stage cannot render legibly: {shown}{more}; "
+                             f"supported: {TEXT_CHARSET_DESCRIPTION}", param=param)
+
+
+def check_request(req, max_size: tuple[int, int], records: bool, cfg: PrefilterConfig) -> None:
+    """What the schema cannot know, at the door: this profile's size limit, options this deployment lacks, prompt
+    sanity, text the typography stage can draw and read back (a GenerationRequest; 4xx naming the field)."""
+    from engines.intent import extract_text
+    from graph.errors import NotSupported
+
+    width, height = req.width_height
+    if width > max_size[0] or height > max_size[1]:
+        raise InvalidRequest(f"`size` must be at most {max_size[0]}x{max_size[1]} in this profile but is {req.size}",
+                             param="size")
+    if req.response_format == "url" and not records:
+        raise NotSupported("`response_format` 'url' needs render records, which this deployment disables "
+                           "(app args records.enabled); use 'b64_json'", param="response_format")
+    check_prompt(req.prompt, cfg)
+    text = req.text or extract_text(req.prompt)
+    if text:
+        check_text_chars(text, "text" if req.text else "prompt")

@@ -112,6 +112,10 @@ class RenderStore(ABC):
     def put(self, record: dict, images: list[bytes]) -> int:
         """Record one render and its images atomically; returns the record's sequence number."""
 
+    def put_many(self, items: list[tuple[dict, list[bytes]]]) -> list[int]:
+        """Several records (a store that can should commit them in one transaction)."""
+        return [self.put(rec, images) for rec, images in items]
+
     @abstractmethod
     def get(self, rid: str) -> dict | None:
         """The latest successful record with this request id, else the latest failed one, else None."""
@@ -176,20 +180,26 @@ class SqliteRenderStore(RenderStore):
 
     def put(self, record: dict, images: list[bytes]) -> int:
         """Files first (durable, renamed into place), then all rows in one transaction; see the module doc."""
-        columns = _columns(record)
-        hashes = [self._ensure_image(data) for data in images]
+        return self.put_many([(record, images)])[0]
+
+    def put_many(self, items: list[tuple[dict, list[bytes]]]) -> list[int]:
+        """Several records in one transaction (graph/writer.py groups a burst): all their files first, then every
+        row; either all of them are committed or none."""
+        prepared = [(_columns(rec), [self._ensure_image(data) for data in images], images) for rec, images in items]
         with self._lock, self._write() as conn:
-            # Re-check under the write lock: another process's prune may have deleted a shared file since.
-            for h, data in zip(hashes, images, strict=True):
-                self._ensure_image(data, h)
-            seq = self._insert(conn, columns, hashes)
-            self._puts += 1
-            due = self._puts % self.spec.prune_every == 0
+            seqs = []
+            for columns, hashes, images in prepared:
+                # Re-check under the write lock: another process's prune may have deleted a shared file since.
+                for h, data in zip(hashes, images, strict=True):
+                    self._ensure_image(data, h)
+                seqs.append(self._insert(conn, columns, hashes))
+            before, self._puts = self._puts, self._puts + len(items)
+            due = before // self.spec.prune_every != self._puts // self.spec.prune_every
         if due:  # off the request's path: the caller has its committed record already
             self._prune_thread = threading.Thread(target=self._prune_after_put, name="render-store-prune",
                                                   daemon=True)
             self._prune_thread.start()
-        return seq
+        return seqs
 
     def wait_for_retention(self, timeout_s: float = 60.0) -> None:
         """Wait for a retention run that a put started in the background (tests, shutdown)."""

@@ -12,6 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from graph.admission import AdmissionPolicy
 from graph.canary import Canary, takes_canary
 from graph.errors import BudgetExceeded
 from graph.schemas import INTENTS, Intent, Quality, RouteDecision, UserTier
@@ -104,6 +105,8 @@ class PolicyConfig(BaseModel):
     model_aliases: dict[str, str] = Field(
         default_factory=dict, description="OpenAI model names (e.g. dall-e-3) -> a Prism route or tier.")
     budgets: dict[UserTier, Budget] = Field(default_factory=dict, description="Spend limits per user tier.")
+    admission: AdmissionPolicy = Field(default_factory=AdmissionPolicy,
+                                       description="Who is let in when the tiers are full (graph/admission.py).")
 
     @model_validator(mode="after")
     def _references_resolve(self) -> PolicyConfig:

@@ -152,6 +152,8 @@ class PrismInfo(BaseModel):
     canary: bool = Field(default=False, description="The route's canary model served (or was tried for) this.")
     replay_of: str | None = Field(default=None, description="The render this one replays on another model.")
     recorded: bool = Field(default=False, description="The render record was committed before this response.")
+    batch_size: int = Field(default=1, description="Renders the model ran together with this one (backlog batch).")
+    admitted: dict | None = Field(default=None, description="Where admission placed it: tier, waited_ms.")
 
 
 class ReplayRequest(BaseModel):
@@ -192,13 +194,15 @@ class TypographySpec(BaseModel):
     gpu: bool = Field(default=False, description="easyocr on CUDA (GPU profile).")
     max_cer: float = Field(default=0.0, ge=0.0, le=1.0,
                            description="Largest character error rate (after case/space normalisation) that passes.")
+    preload: bool = Field(default=True, description="Load the OCR in every generator replica as it starts (in the "
+                                                    "background); false: on the replica's first text.")
     fault_misread_marker_path: str | None = Field(
         default=None, description="Fault injection for tests: while this file exists, OCR misreads every text.")
 
 
 @dataclass
 class GenerateJob:
-    """One generator call: what a Generator replica needs, nothing more."""
+    """One generator call: render, check, finish (post to width x height, typography when `text`), encode."""
 
     prompt: str
     seed: int
@@ -206,18 +210,29 @@ class GenerateJob:
     steps: int | None = None
     guidance: float | None = None
     request_id: str = ""
+    width: int = 0  # 0: the model's native size (no post)
+    height: int = 0
+    text: str | None = None  # exact text to composite and OCR-check after post
+    # The prompt's MiniLM embedding from the ingress's intent stage (384 floats): a built-in model conditions on it
+    # instead of embedding the prompt again.
+    embedding: list[float] | None = None
+    caller: str = ""  # the ingress replica that sent it: replicas report their load by caller (admission)
 
 
 @dataclass
 class GenerateResult:
-    """A generator's answer for one job: checked images, or the reason it has none."""
+    """A generator's answer for one job: the finished PNGs, or the reason it has none."""
 
-    images: list  # list[np.ndarray] HxWx3 uint8, at the model's native size, every one passed the checks
+    pngs: list[bytes]  # at width x height, every image passed the output checks (and OCR, with text)
     model: str
     model_version: str
     steps: int
     guidance: float
-    compute_s: float
-    failure: str | None = None  # reason code: nan, blank, undecodable, wrong_size, oom, error
+    compute_s: float  # this job's share of the model's time (what the tier charges for)
+    failure: str | None = None  # nan, blank, undecodable, wrong_size, oom, error, ..., ocr_miss, text_does_not_fit
     detail: str = ""
+    batch_size: int = 1  # jobs the model rendered together with this one
+    timings_ms: dict[str, float] = field(default_factory=dict)  # queue, model, post, typography, encode (replica)
+    post: dict = field(default_factory=dict)  # {"backend": ..., "scale": ...}
+    ocr: dict | None = None
     extra: dict = field(default_factory=dict)

@@ -5,8 +5,9 @@
 
 Starts one Ray instance and deploys serve_config.yaml into it exactly as `serve deploy` does (so the killer can
 reach the actors), drives mixed traffic from worker threads with a request id each, and during the chaos phase
-`ray.kill`s, at random intervals and in rotation: a generator replica, the upscaler, the intent classifier, the
-Serve controller and the HTTP proxy. Prints: requests sent, accepted (an HTTP answer other than a 503/429
+`ray.kill`s, at random intervals and in rotation: a generator replica (which also runs the post-processing and
+typography of its renders), the Serve controller and the HTTP proxy. The intent classifier runs inside the ingress
+since #16, so it has no replica of its own to kill. Prints: requests sent, accepted (an HTTP answer other than a 503/429
 rejection), completed with 200, failed by status and stage, lost (accepted, no final answer after the client's
 retries), duplicate renders (request ids with more than one successful render record), p95 of 200s before vs
 during chaos, and the time from the last kill until every deployment is healthy again. Writes benchmarks/chaos.json.
@@ -35,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = [("a red star on a blue background", "128x128"), ("flat minimal app icon of a rocket", "128x128"),
            ("a teal to purple gradient background", "256x256"), ("a small white ring on a black background", "128x128"),
            ("hero image for our saas landing page", "256x256")]
-TARGETS = ("generator", "upscaler", "intent", "controller", "proxy")
+TARGETS = ("generator", "controller", "proxy")
 RETRY_WINDOW_S = 120  # a dropped request is retried (same request id) for this long before it counts as lost
 
 
@@ -79,8 +80,7 @@ def actor_for(target: str, rng: random.Random):
     import ray
 
     names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
-    match = {"generator": "#Generator_", "upscaler": "#Upscaler#", "intent": "#IntentClassifier#",
-             "controller": "SERVE_CONTROLLER_ACTOR", "proxy": "SERVE_PROXY_ACTOR"}[target]
+    match = {"generator": "#Generator_", "controller": "SERVE_CONTROLLER_ACTOR", "proxy": "SERVE_PROXY_ACTOR"}[target]
     found = sorted(n for n in names if match in n)
     if not found:
         return None, None

@@ -1,10 +1,14 @@
 """Check Locust's CSV stats against loadtests/targets.yaml; exit 1 on any miss.
 
-    python loadtests/check.py out/loadtest_stats.csv --profile sim
+    python loadtests/check.py out/loadtest_stats.csv --profile sim --unloaded out/loadtest_unloaded.json
+
+--unloaded: each route's unloaded p95 in ms (JSON), measured by run.py before the load, for the targets'
+max_accepted_p95_ratio: the accepted requests' p95 under load over the same route's unloaded p95.
 """
 
 import argparse
 import csv
+import json
 import sys
 from pathlib import Path
 
@@ -23,7 +27,7 @@ def _num(row: dict, key: str) -> float:
     return float(v) if v not in ("N/A", "") else 0.0
 
 
-def evaluate(rows: list[dict], targets: dict) -> tuple[list[str], list[str]]:
+def evaluate(rows: list[dict], targets: dict, unloaded: dict[str, float] | None = None) -> tuple[list[str], list[str]]:
     """(lines to print, misses) for the stats rows against one profile's targets."""
     gen = [r for r in rows if r["Type"] == "POST"]
     total = sum(_num(r, "Request Count") for r in gen)
@@ -44,12 +48,21 @@ def evaluate(rows: list[dict], targets: dict) -> tuple[list[str], list[str]]:
     if r503:
         check("503 p99 ms", max(_num(r, "99%") for r in r503), targets["max_503_p99_ms"], "{:.0f}")
     routes = {r["Name"]: r for r in rows if r["Type"] == "route"}
-    for name, t in targets["routes"].items():
+    for name, t in targets.get("routes", {}).items():
         if name not in routes:
             lines.append(f"--   route {name}: no 200s in this run")
             continue
         check(f"route {name} p50 ms", _num(routes[name], "50%"), t["p50_ms"], "{:.0f}")
         check(f"route {name} p95 ms", _num(routes[name], "95%"), t["p95_ms"], "{:.0f}")
+    if "max_accepted_p95_ratio" in targets:
+        if not unloaded:
+            check("unloaded baseline routes (run.py measures them)", 0, 1, "{:.0f}", float.__ge__)
+        for name, base in sorted((unloaded or {}).items()):
+            if name not in routes:
+                lines.append(f"--   route {name}: no 200s under load")
+                continue
+            check(f"route {name} p95 under load / unloaded ({base:.0f} ms)", _num(routes[name], "95%") / base,
+                  targets["max_accepted_p95_ratio"], "{:.2f}")
     return lines, misses
 
 
@@ -58,9 +71,11 @@ def main(argv=None) -> int:
     ap.add_argument("stats_csv", type=Path)
     ap.add_argument("--profile", default="sim")
     ap.add_argument("--targets", type=Path, default=TARGETS)
+    ap.add_argument("--unloaded", type=Path, help="JSON {route: unloaded p95 ms} (run.py writes it)")
     args = ap.parse_args(argv)
     targets = yaml.safe_load(args.targets.read_text())[args.profile]
-    lines, misses = evaluate(read_stats(args.stats_csv), targets)
+    unloaded = json.loads(args.unloaded.read_text()) if args.unloaded else None
+    lines, misses = evaluate(read_stats(args.stats_csv), targets, unloaded)
     print("\n".join(lines))
     print("PASS" if not misses else f"FAIL: {len(misses)} target(s) missed")
     return 1 if misses else 0

@@ -7,6 +7,7 @@ targets, stop what it started. Exit status = the checker's.
 
 import argparse
 import json
+import math
 import os
 import signal
 import subprocess
@@ -44,6 +45,26 @@ def start_server(config: str, host: str, log: Path) -> subprocess.Popen:
     sys.exit(f"server not answering after 240 s; see {log}")
 
 
+def measure_unloaded(host: str, rounds: int) -> dict[str, float]:
+    """Each route's unloaded p95 (ms), from the mix sent one request at a time before the load: the baseline the
+    accepted requests' p95 under load is held to (loadtests/targets.yaml: max_accepted_p95_ratio)."""
+    from prompts import PROMPTS, TIERS
+
+    by_route: dict[str, list[float]] = {}
+    for i in range(rounds + 1):  # the first round warms every route (lazy loads) and is not counted
+        for prompts in PROMPTS.values():
+            for tier in TIERS:
+                body = {"prompt": prompts[i % len(prompts)], "size": ("256x256", "512x512")[i % 2], "user_tier": tier}
+                req = urllib.request.Request(f"{host}/v1/images/generations", data=json.dumps(body).encode(),
+                                             headers={"content-type": "application/json"})
+                t = time.perf_counter()
+                with urllib.request.urlopen(req, timeout=120) as r:
+                    route = json.load(r)["prism"]["route"]
+                if i:
+                    by_route.setdefault(route, []).append(1000 * (time.perf_counter() - t))
+    return {route: sorted(ms)[max(0, math.ceil(0.95 * len(ms)) - 1)] for route, ms in by_route.items()}
+
+
 def run_locust(args, out: Path) -> int:
     env = {**os.environ, "PRISM_SHAPE": "burst" if args.users is None else "none",
            "PRISM_BASE_USERS": str(args.base_users), "PRISM_PHASE_S": str(args.phase_s)}
@@ -65,6 +86,7 @@ def main() -> int:
     ap.add_argument("--run-time", type=int, default=90)
     ap.add_argument("--base-users", type=int, default=3, help="burst shape: calm users (spike is 10x)")
     ap.add_argument("--phase-s", type=float, default=40)
+    ap.add_argument("--unloaded-rounds", type=int, default=2, help="unloaded baseline: rounds of the mix")
     ap.add_argument("--out", type=Path, default=ROOT / "out" / "loadtest")
     args = ap.parse_args()
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -73,6 +95,10 @@ def main() -> int:
         print(f"starting serve run {args.config} ...", flush=True)
         server = start_server(args.config, args.host, args.out.with_suffix(".serve.log"))
     try:
+        sys.path.insert(0, str(ROOT / "loadtests"))
+        unloaded = measure_unloaded(args.host, args.unloaded_rounds)
+        print("unloaded p95 by route (ms):", {k: round(v) for k, v in sorted(unloaded.items())}, flush=True)
+        args.out.with_name(args.out.name + "_unloaded.json").write_text(json.dumps(unloaded))
         run_locust(args, args.out)
     finally:
         if server is not None:
@@ -81,7 +107,8 @@ def main() -> int:
                 server.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 server.kill()
-    check = [sys.executable, str(ROOT / "loadtests" / "check.py"), f"{args.out}_stats.csv", "--profile", args.profile]
+    check = [sys.executable, str(ROOT / "loadtests" / "check.py"), f"{args.out}_stats.csv", "--profile", args.profile,
+             "--unloaded", f"{args.out}_unloaded.json"]
     return subprocess.run(check).returncode
 
 

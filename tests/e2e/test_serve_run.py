@@ -65,7 +65,7 @@ def test_readme_curl_returns_typography_png(served):
     out = subprocess.run(["curl", "-s", f"{served}/v1/images/generations", "-H", "content-type: application/json",
                           "-d", CURL_BODY], capture_output=True, timeout=180, check=True)
     body = json.loads(out.stdout)
-    assert body["prism"]["tier"] == "typography", body.get("prism")
+    assert "prism" in body and body["prism"]["tier"] == "typography", body
     assert body["prism"]["intent"]["text_to_render"] == "GRAND OPENING"
     img = Image.open(io.BytesIO(base64.b64decode(body["data"][0]["b64_json"])))
     assert img.format == "PNG" and img.size == (256, 256)

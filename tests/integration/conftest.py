@@ -50,7 +50,8 @@ TIER_OPTIONS = {
     "sick": {"health_check_period_s": 1, "health_check_timeout_s": 10, "graceful_shutdown_timeout_s": 1},
     "slowish": {"graceful_shutdown_wait_loop_s": 1, "graceful_shutdown_timeout_s": 30},
     "scales": {"max_ongoing_requests": 1, "graceful_shutdown_timeout_s": 1,
-               "autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
+               # Below admission's one slot per replica: a replica holding its one render is past target.
+               "autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 0.5,
                                       "upscale_delay_s": 0.5, "downscale_delay_s": 2, "metrics_interval_s": 0.5,
                                       "look_back_period_s": 1}},
 }
@@ -61,8 +62,9 @@ def faults_app(base_app: dict, extra_tiers: dict | None = None) -> dict:
     real built-in model (`ok`). Light: the fakes import no torch. Its typography stage accepts any OCR read
     (max_cer 1.0): OCR strictness is tested on the main app and in unit tests; this app tests the HTTP surface."""
     tiers = {
+        # Every route's fallback: takes 4 renders at once (max_concurrency), so concurrent tests are not refused.
         "ok": {"kind": "builtin", "name": "prism-builtin-small", "config": "small", "native_size": 32, "steps": 2,
-               "guidance": 2.0, "max_batch_size": 4, "cost": {"usd_per_second": 0.001}},
+               "guidance": 2.0, "max_batch_size": 4, "max_concurrency": 4, "cost": {"usd_per_second": 0.001}},
         "nan": _fake("nan"), "garbage": _fake("garbage"), "blank": _fake("blank"), "raises": _fake("raise"),
         "wrong_size": _fake("wrong_size"), "oom": _fake("oom"),
         "oom_batch": _fake("oom", fault_oom_above_batch=1, max_batch_size=8, batch_wait_timeout_s=0.5),
@@ -73,11 +75,14 @@ def faults_app(base_app: dict, extra_tiers: dict | None = None) -> dict:
         "held2": _fake("sleep", fault_sleep_s=20.0, max_batch_size=1),
         "dies": _fake("die", fault_marker_path=DIE_MARKER),
         "sick": _fake("unhealthy", fault_marker_path=SICK_MARKER, health_failures_to_replace=2),
-        "slowish": _fake("sleep", fault_sleep_s=4.0, max_batch_size=1),
+        # Renders one at a time but admission lets 4 wait on it (max_concurrency): several in flight on one replica.
+        "slowish": _fake("sleep", fault_sleep_s=4.0, max_batch_size=1, max_concurrency=4),
         # Killed mid-render by the chaos burst (its own tier: the other tests' replicas are left alone).
-        "chaos": _fake("sleep", fault_sleep_s=1.5, max_batch_size=4),
+        "chaos": _fake("sleep", fault_sleep_s=1.5, max_batch_size=4, max_concurrency=4),
         # Autoscales 1 -> 2 -> 1 under a few seconds of load (short delays below).
         "scales": _fake("sleep", fault_sleep_s=2.0, max_batch_size=1),
+        # Priorities: a 2-s render holds the tier's one slot while paid and free requests arrive.
+        "prio": _fake("sleep", fault_sleep_s=2.0, max_batch_size=1),
         # A hosted tier whose "provider" is this Prism itself (the OpenAI Images API it serves): the `openai`
         # kind end to end through real HTTP. Its key variable is set below; Prism ignores the bearer token.
         "prism_remote": {"kind": "openai", "name": "prism-over-openai-api", "provider_model": "ok",
@@ -94,6 +99,7 @@ def faults_app(base_app: dict, extra_tiers: dict | None = None) -> dict:
         "cfg": {"tier": "cfg", "fallbacks": ["ok"], "max_latency_ms": 20000, "retry_guidance_factor": 0.5},
         "budget": {"tier": "nan", "fallbacks": ["garbage", "ok"], "max_latency_ms": 20000, "max_attempts": 2},
         "bp": {"tier": "held", "fallbacks": [], "max_latency_ms": 30000},
+        "prio": {"tier": "prio", "fallbacks": [], "max_latency_ms": 20000},
         "dies": {"tier": "dies", "fallbacks": ["ok"], "max_latency_ms": 60000},
         "brown": {"tier": "held2", "fallbacks": [], "max_latency_ms": 30000,
                   "brownout": {"max_inflight": 1, "route": "ok"}},
@@ -114,17 +120,17 @@ def faults_app(base_app: dict, extra_tiers: dict | None = None) -> dict:
         {"name": "Ingress", **small, "user_config": {"routing": {"version": "faults-1", "default_route": "ok",
                                                                  "routes": routes, "rules": [],
                                                                  "budgets": budgets}}},
-        {"name": "IntentClassifier", **small}, {"name": "Upscaler", **small}, {"name": "Typography", **small},
     ] + [{"name": f"Generator_{t}", **(gpu if t in GPU_TIERS else small), "max_ongoing_requests": 16,
           **TIER_OPTIONS.get(t, {})} for t in tiers if t != "held"] + [
-        # One running, one queued, the next rejected by Serve: the queue filled deterministically.
+        # Serve's own queue behind admission (its safety net): one running, one queued.
         {"name": "Generator_held", **small, "max_ongoing_requests": 1, "max_queued_requests": 1}]
     return {"name": "faults", "route_prefix": "/faults", "import_path": base_app["import_path"],
             "args": {"profile": "faults", "max_width": 256, "max_height": 256, "tiers": tiers,
                      "records": {"dir": os.path.join(RECORDS_DIR, "faults")},
                      "intent": {"timeout_s": 3, "fault_marker_path": INTENT_HANG_MARKER},
-                     "post": {"backend": "realesrgan"}, "typography": {"ocr": "rapidocr", "max_cer": 1.0,
-                                                              "fault_misread_marker_path": OCR_MISREAD_MARKER}},
+                     "post": {"backend": "realesrgan"},
+                     "typography": {"ocr": "rapidocr", "max_cer": 1.0, "preload": False,
+                                    "fault_misread_marker_path": OCR_MISREAD_MARKER}},
             "deployments": deployments}
 
 

@@ -7,6 +7,7 @@ that fails while a marker file exists, and a redeploy that replaces replicas whi
 import concurrent.futures
 import os
 import time
+from collections import Counter
 
 import httpx
 import pytest
@@ -48,8 +49,14 @@ def test_failing_health_probes_replace_the_replica(http):
         assert after != before, "the unhealthy replica was not replaced within 60 s"
     finally:
         os.remove(SICK_MARKER)
-    r = http.post("/faults/v1/images/generations", json={"prompt": "x", "model": "sick"}, timeout=60)
-    assert r.status_code == 200 and r.json()["prism"]["tier"] == "sick"
+    # The replacement serves once admission counts it (Serve's controller reports it RUNNING within a second).
+    deadline = time.monotonic() + 15
+    while True:
+        r = http.post("/faults/v1/images/generations", json={"prompt": "x", "model": "sick"}, timeout=60)
+        if (r.status_code == 200 and r.json()["prism"]["tier"] == "sick") or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert r.status_code == 200 and r.json()["prism"]["tier"] == "sick", r.text[:300]
 
 
 def test_a_wedged_intent_classifier_costs_a_degraded_route_not_the_render(http):
@@ -134,16 +141,18 @@ CHAOS_MIN_SUCCESS = 0.9  # replica deaths are retried on a replacement or the fa
 def test_short_chaos_burst_loses_nothing(base_url, http):
     """make test's version of `make chaos` (no proxy kill: that one drops the client connections it holds, see
     RESULTS.md): traffic on the faults app while its generator replica is killed twice mid-render and the Serve
-    controller once. Every request gets a final answer naming its request id; at least 90% are 200; each replica
-    kill hit a render in flight (its request shows the replica_died retry)."""
+    controller once. Every request gets a final answer naming its request id; at least 90% of those admitted are
+    200 (while no replica is up, new ones get an immediate 503 + Retry-After, which the clients honour); each
+    replica kill hit a render in flight (its request shows the replica_died retry)."""
     import threading
 
-    rows, stop = [], threading.Event()
+    rows, stop, inflight = [], threading.Event(), set()
 
     def client(i: int) -> None:
         with httpx.Client(base_url=base_url, timeout=90) as c:
             while not stop.is_set():
                 rid, started = f"chaos-{i}-{len(rows)}", time.monotonic()
+                inflight.add(rid)
                 try:
                     r = c.post("/faults/v1/images/generations", headers={"X-Request-ID": rid},
                                json={"prompt": "a red star", "model": "chaos", "size": "64x64"})
@@ -152,9 +161,12 @@ def test_short_chaos_burst_loses_nothing(base_url, http):
                     prism = body.get("prism", {})
                     rows.append((r.status_code, err.get("request_id") if r.status_code != 200
                                  else prism["request_id"], rid, [f["reason"] for f in prism.get("fallbacks", [])],
-                                 started))
+                                 started, r.headers.get("retry-after")))
+                    if r.status_code in (429, 503) and r.headers.get("retry-after"):
+                        time.sleep(min(float(r.headers["retry-after"]), 5))  # a careful client honours it
                 except httpx.HTTPError as e:
-                    rows.append(("lost", type(e).__name__, rid, [], started))
+                    rows.append(("lost", type(e).__name__, rid, [], started, None))
+                inflight.discard(rid)
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(3)]
     for t in threads:
@@ -170,9 +182,13 @@ def test_short_chaos_burst_loses_nothing(base_url, http):
     killed = []
     try:
         killed.append(_kill_mid_render(http, "chaos"))
-        first_kill = time.monotonic()
-        # The killed renders ran again on the replacement; a second kill before then would hit them once more.
+        first_kill, hit = time.monotonic(), set(inflight)
+        # The killed renders run again on the replacement (or the fallback); the second kill must hit newer ones.
         answered_after_death(0.0)
+        deadline = time.monotonic() + 60
+        while hit & inflight:
+            assert time.monotonic() < deadline, f"renders hit by the first kill never answered: {hit & inflight}"
+            time.sleep(0.1)
         killed.append(_kill("SERVE_CONTROLLER_ACTOR", restart=True))
         killed.append(_kill_mid_render(http, "chaos"))  # the replacement, holding renders sent after the first kill
         answered_after_death(first_kill + 0.5)  # sent after the first kill (and its news) reached the ingress
@@ -185,7 +201,10 @@ def test_short_chaos_burst_loses_nothing(base_url, http):
     assert all(r[1] == r[2] for r in rows), rows  # every answer names its request
     # 502 a stage's replica died twice, 503 no replica could take it, 504 past the deadline; never a bug's 500.
     assert all(r[0] in (200, 502, 503, 504) for r in rows), rows
-    ok = sum(1 for r in rows if r[0] == 200)
-    assert ok >= CHAOS_MIN_SUCCESS * len(rows) and len(rows) >= 6, (killed, rows)
+    # While the only replica is replaced there is no capacity: new requests are refused at the door with a
+    # Retry-After (designed); what was admitted is answered, nearly all with a 200.
+    admitted = [r for r in rows if not (r[0] == 503 and r[5])]
+    ok = sum(1 for r in admitted if r[0] == 200)
+    assert ok >= CHAOS_MIN_SUCCESS * len(admitted) and len(admitted) >= 6, (killed, Counter(r[0] for r in rows), rows)
     # Each replica kill hit in-flight renders, rendered again on a live replica (answered_after_death, above).
     assert len(killed) == 3, killed

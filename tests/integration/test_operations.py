@@ -240,7 +240,7 @@ def test_retry_while_in_flight_waits_for_the_one_render(base_url, http):
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         first = pool.submit(post)
         deadline = time.monotonic() + 30
-        while http.get("/faults/v1/load").json()["tiers"]["slowish"]["inflight"] == 0:  # the first is rendering
+        while http.get("/faults/v1/load").json()["tiers"]["slowish"]["used"] == 0:  # the first is rendering
             assert time.monotonic() < deadline, "the first request never reached its tier"
             time.sleep(0.02)
         second = pool.submit(post)

@@ -129,9 +129,9 @@ def test_profile_capacity_is_bounded_by_its_smallest_tier():
     tiers = capacity.tiers_from_profiles(GPU, SIM)
     shares = capacity.route_shares(capacity.policy_of(GPU))
     rate, bound = capacity.profile_capacity(GPU, tiers, shares)
-    t = tiers["typography"]   # 4 replicas x 0.25 GPU at 70 %, 15 % of the mix
+    t = tiers["typography"]   # 4 replicas x 0.33 GPU at 70 %, 15 % of the mix
     assert bound == "typography"
-    assert rate == pytest.approx(4 * 0.25 * 0.7 / t.gpu_s_per_request / 0.15)
+    assert rate == pytest.approx(4 * 0.33 * 0.7 / t.gpu_s_per_request / 0.15)
 
 
 def test_main_prints_the_tables(capsys):

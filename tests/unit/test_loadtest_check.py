@@ -2,6 +2,7 @@
 naming the target, what does not."""
 
 import csv
+import json
 
 import pytest
 
@@ -35,12 +36,16 @@ def write(tmp_path, rows: list[dict]):
     return path
 
 
-def run(tmp_path, rows, capsys) -> tuple[int, str]:
+def run(tmp_path, rows, capsys, targets_=TARGETS, unloaded=None) -> tuple[int, str]:
     targets = tmp_path / "targets.yaml"
     import yaml
 
-    targets.write_text(yaml.safe_dump({"sim": TARGETS}))
-    code = check.main([str(write(tmp_path, rows)), "--profile", "sim", "--targets", str(targets)])
+    targets.write_text(yaml.safe_dump({"sim": targets_}))
+    argv = [str(write(tmp_path, rows)), "--profile", "sim", "--targets", str(targets)]
+    if unloaded is not None:
+        (tmp_path / "unloaded.json").write_text(json.dumps(unloaded))
+        argv += ["--unloaded", str(tmp_path / "unloaded.json")]
+    code = check.main(argv)
     return code, capsys.readouterr().out
 
 
@@ -78,3 +83,25 @@ def test_a_missed_target_fails_and_is_named(tmp_path, capsys, spoil, label):
 def test_a_route_without_200s_is_reported_not_failed(tmp_path, capsys):
     code, out = run(tmp_path, [r for r in good_run() if r["Name"] != "premium"], capsys)
     assert code == 0 and "route premium: no 200s in this run" in out
+
+
+# The goal form of the route targets (#16): accepted p95 under load at most 1.2x the route's unloaded p95.
+RATIO = {k: v for k, v in TARGETS.items() if k != "routes"} | {"max_accepted_p95_ratio": 1.2}
+
+
+def test_accepted_latency_within_the_ratio_of_the_unloaded_baseline_passes(tmp_path, capsys):
+    code, out = run(tmp_path, good_run(), capsys, RATIO, unloaded={"fast": 2000 / 1.2, "premium": 9000})
+    assert code == 0, out
+    assert "ok   route fast p95 under load / unloaded (1667 ms): 1.20 (target 1.20)" in out
+
+
+def test_accepted_latency_past_the_ratio_fails_naming_the_route(tmp_path, capsys):
+    code, out = run(tmp_path, good_run(), capsys, RATIO, unloaded={"fast": 1000, "premium": 9000})
+    assert code == 1, out
+    missed = [line for line in out.splitlines() if line.startswith("MISS")]
+    assert missed == ["MISS route fast p95 under load / unloaded (1000 ms): 2.00 (target 1.20)"], out
+
+
+def test_a_ratio_target_without_an_unloaded_baseline_fails(tmp_path, capsys):
+    code, out = run(tmp_path, good_run(), capsys, RATIO)
+    assert code == 1 and "MISS unloaded baseline" in out, out

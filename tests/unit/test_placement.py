@@ -142,30 +142,33 @@ def test_demands_from_real_gpu_profile():
     for d in demands:
         by_name.setdefault(d.deployment, []).append(d)
     assert {name: len(ds) for name, ds in by_name.items()} == {
-        "Upscaler": 4, "Generator_fast": 8, "Generator_standard": 8, "Generator_premium": 4, "Generator_typography": 4}
+        "Generator_fast": 8, "Generator_standard": 8, "Generator_premium": 4, "Generator_typography": 4}
+    # Each replica's model plus the upscaler it runs on its GPU (post.gpuid 0, 2 GB).
     assert {name: (ds[0].num_gpus, ds[0].memory_gb) for name, ds in by_name.items()} == {
-        "Upscaler": (0.1, 2.0), "Generator_fast": (0.5, 28.0), "Generator_standard": (0.25, 18.0),
-        "Generator_premium": (1.0, 34.0), "Generator_typography": (0.25, 18.0)}
-    assert max_gpus_needed(demands) == pytest.approx(11.4)
+        "Generator_fast": (0.5, 30.0), "Generator_standard": (0.33, 20.0),
+        "Generator_premium": (1.0, 36.0), "Generator_typography": (0.33, 20.0)}
+    assert max_gpus_needed(demands) == pytest.approx(11.96)
     everything = demands_from_app(gpu_app(), include_cpu_only=True)
-    assert sum(d.num_cpus for d in everything) == pytest.approx(34.0)  # Ingress 2 x 0.5 + 4 + 1 + 28 on GPUs
+    assert sum(d.num_cpus for d in everything) == pytest.approx(26.0)  # Ingress 2 x 1 + 24 generators x 1
 
 
 def test_real_gpu_profile_needs_twelve_h100s_at_max_scale():
     demands = demands_from_app(gpu_app())
     fits = [n for n in range(1, 16) if plan(demands, NodeShape(1, H100, nodes=n)).ok]
-    assert min(fits) == 12  # 4 premium + 4 fast pairs + 2 standard quads + 1 typography quad + 1 upscaler GPU
+    assert min(fits) == 12  # 4 premium + 4 fast pairs + 12 standard/typography replicas three to a GPU
     two_nodes = plan(demands, NodeShape(8, H100, nodes=2))
     assert two_nodes.ok and not two_nodes.warnings and sum(bool(g.replicas) for g in two_nodes.gpus) == 12
-    assert max(g.memory_gb for g in two_nodes.gpus) == 72.0
+    assert max(g.memory_gb for g in two_nodes.gpus) == 60.0
     assert not plan(demands, NodeShape(1, H100)).ok
     assert not plan(demands, NodeShape(8, H100)).ok
 
 
-def test_upscaler_memory_from_post_block_default_matches_post_spec():
+def test_upscaler_memory_joins_each_generator_replica_when_post_runs_on_the_gpu():
     app = copy.deepcopy(gpu_app())
     app["args"]["post"]["gpu_memory_gb"] = 6
-    assert {d.memory_gb for d in demands_from_app(app) if d.deployment == "Upscaler"} == {6.0}
+    assert {d.memory_gb for d in demands_from_app(app) if d.deployment == "Generator_standard"} == {24.0}
+    app["args"]["post"]["gpuid"] = -1  # post on the CPU: the model's memory alone
+    assert {d.memory_gb for d in demands_from_app(app) if d.deployment == "Generator_standard"} == {18.0}
     assert UPSCALER_DEFAULT_GB == PostSpec().gpu_memory_gb
 
 
@@ -207,13 +210,13 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("args,rc,words", [
     pytest.param(["--gpus-per-node", "8", "--gpu-memory-gb", "80", "--nodes", "2"], 0,
-                 ["Generator_standard x4 (0.25)", "72.0 / 78", "OK: 12 of 16 GPUs"], id="fits_two_8x80_nodes"),
+                 ["Generator_standard x3 (0.33)", "60.0 / 78", "OK: 12 of 16 GPUs"], id="fits_two_8x80_nodes"),
     pytest.param(["--gpus-per-node", "8", "--gpu-memory-gb", "80"], 1,
                  ["Generator_fast x2 (0.5)", "PENDING", "FAIL"], id="one_8x80_node_too_small"),
     pytest.param(["--gpus-per-node", "8", "--gpu-memory-gb", "40", "--nodes", "4"], 1,
-                 ["OVER", "56 GB > 38 GB usable"], id="40gb_gpus_over_memory"),
-    pytest.param(["--gpus-per-node", "8", "--gpu-memory-gb", "80", "--nodes", "2", "--cpus-per-node", "16"], 1,
-                 ["CPUs: the replicas ask for 34 > 32"], id="cpus_over"),
+                 ["OVER", "60 GB > 38 GB usable"], id="40gb_gpus_over_memory"),
+    pytest.param(["--gpus-per-node", "8", "--gpu-memory-gb", "80", "--nodes", "2", "--cpus-per-node", "12"], 1,
+                 ["CPUs: the replicas ask for 26 > 24"], id="cpus_over"),
 ])
 def test_cli_exit_codes(args, rc, words):
     out = _cli(*args)

@@ -35,3 +35,34 @@ def test_rejects_with_reason(prompt, fragment):
 ])
 def test_accepts_sane_prompts(prompt):
     check_prompt(prompt, CFG)
+
+
+def test_text_the_typography_stage_cannot_render_is_refused_naming_the_characters():
+    from graph.errors import InvalidRequest
+    from graph.prefilter import check_text_chars
+
+    check_text_chars("GRAND OPENING: 50% OFF! (café, naïve) “Q&A” — 24/7")
+    with pytest.raises(InvalidRequest) as info:
+        check_text_chars("¦\U0008cc07®x_y", "text")
+    msg = info.value.message
+    assert info.value.status_code == 422 and info.value.param == "text"
+    assert "'_'" in msg and "'®'" in msg and "'¦'" in msg and "U+8CC07" in msg and "supported: letters A-Z" in msg
+
+
+def test_every_supported_character_is_drawn_and_read_back_in_words():
+    """The supported set is what rapidocr reads back from the layout engine's output (the set's reason to exist)."""
+    import numpy as np
+
+    from engines.ocr import build_ocr, check_text
+    from engines.typography import choose_layout, compose
+    from graph.prefilter import TEXT_CHARSET
+
+    words = ["THE QUICK BROWN FOX", "JUMPS OVER LAZY DOG", "the quick brown fox", "jumps over lazy dog",
+             "0123456789", "SALE! 50% OFF, TODAY: (A&B) [C/D] #1 $5 +2 =3 @me 'hi' \"yo\" a-b x*y? ok; no.",
+             "café résumé naïve über ÀÉÎÕÜ ñ ç ø å"]
+    covered = set("".join(words)) | set("‘’“”–—")  # curly quotes and dashes compare as their ASCII forms
+    assert {c for c in TEXT_CHARSET if c.isascii()} <= covered
+    ocr, bg = build_ocr("rapidocr"), np.full((512, 512, 3), 200, np.uint8)
+    misses = [(w, c.read) for w in words if not (c := check_text(ocr, compose(bg, w, choose_layout("a poster")), w,
+                                                                   0.05)).passed]
+    assert not misses, misses

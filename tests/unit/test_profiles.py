@@ -21,7 +21,7 @@ def test_profile_is_a_valid_serve_config(profile):
 def test_every_deployment_sets_its_queue_and_resources(profile):
     app = prism_app(load_serve_config(ROOT / profile))
     args = AppArgs.model_validate(app["args"])
-    for name in ["Ingress", "IntentClassifier", "Upscaler", *map(generator_deployment_name, args.tiers)]:
+    for name in ["Ingress", *map(generator_deployment_name, args.tiers)]:
         block = deployment_block(app, name)
         assert block, f"{profile} has no deployments entry for {name}"
         assert "max_ongoing_requests" in block and "max_queued_requests" in block, name

@@ -540,11 +540,12 @@ def test_process_killed_inside_transaction_leaves_no_half_record(root):
 def _put_forever(store_dir: str, tag: str, ready) -> None:
     """Child process: put records as fast as possible until killed; retention runs every few writes."""
     store = SqliteRenderStore(spec(Path(store_dir), prune_every=5))
-    ready.set()
     i = 0
     while True:
         store.put(rec(f"{tag}-{i}", time.time(), fallbacks=[i] * (i % 3)), [png("shared"), os.urandom(4096)])
         i += 1
+        if i == 1:
+            ready.set()  # after a commit, so a loaded machine cannot kill a child that never wrote (no new records)
 
 
 def _check_consistent(root: Path) -> list[dict]:
@@ -564,7 +565,7 @@ def test_sigkill_during_put_loop_never_leaves_a_broken_record(root):
         ready = SPAWN.Event()
         child = SPAWN.Process(target=_put_forever, args=(str(root), f"k{round_}", ready))
         child.start()
-        assert ready.wait(timeout=30), "child never opened the store"
+        assert ready.wait(timeout=30), "child never committed a record"
         time.sleep(0.7)
         child.kill()  # SIGKILL: no finally blocks, no atexit, mid-fsync or mid-commit
         child.join(timeout=10)

@@ -544,40 +544,53 @@ class _Gauge:
     def set(self, value, tags):
         self.values.append((value, tags))
 
+    def observe(self, value, tags):
+        self.values.append((value, tags))
+
 
 def _generator(engine: RemoteEngine):
+    """The Generator's logic without Ray: a real renderer and finisher (classical post), fake metric sinks."""
     from deployments.generator import Generator
+    from engines.finish import Finisher
+    from engines.post import PostSpec
+    from engines.render import Renderer
+    from graph.backlog import Backlog
 
     gen = object.__new__(Generator.func_or_class)  # the plain class behind the Serve deployment
-    gen.spec, gen.engine, gen.size = engine.spec, engine, (engine.native_size, engine.native_size)
+    gen.spec, gen.engine, gen.remote = engine.spec, engine, True
     gen.stats = {"oom_splits": 0, "failed_checks": 0, "health_probes": 0, "health_failures": 0, "batches": 0}
-    gen.health, gen.gpu_fraction = HealthGate(max_age_s=0.0), 0.0
-    gen.lifecycle_warning, gen.unavailable_gauge = None, _Gauge()
+    gen.health, gen.lifecycle_warning = HealthGate(max_age_s=0.0), None
+    gen.metrics, gen.unavailable_gauge = _Gauge(), _Gauge()
+    gen.renderer = Renderer(engine, engine.spec, Finisher(PostSpec(backend="classical")), gen.stats, gen._noted)
+    gen.backlog, gen.inflight, gen.service_s = Backlog(gen._run_batch, 4), 0, None
     return gen
+
+
+def _jobs(prompt: str, n: int = 1) -> list[GenerateJob]:
+    return [GenerateJob(prompt=prompt, seed=3, n=n, width=64, height=64)]
 
 
 def test_generator_maps_remote_failures_per_item(standins):
     engine = make(standins, "nano-banana-2")
     gen = _generator(engine)
-    items = [(0, "a quiet harbour", 1), (1, "a forbidden thing [standin:refused]", 2)]
-    ok, failed = _loop(engine, lambda: gen._render_splitting(items, 4, 3.0))
-    assert ok.shape == (1024, 1024, 3) and failed.reason == "error" and "RemoteRejected" in failed.detail
+    jobs = [*_jobs("a quiet harbour"), *_jobs("a forbidden thing [standin:refused]")]
+    ok, failed = _loop(engine, lambda: gen._run_batch(jobs))
+    assert ok.failure is None and len(ok.pngs) == 1 and ok.pngs[0][:8] == b"\x89PNG\r\n\x1a\n"
+    assert failed.failure == "error" and "RemoteRejected" in failed.detail and failed.pngs == []
 
 
 def test_generator_reports_rate_limited_with_the_wait(standins):
     engine = make(standins, "gpt-image")
     gen = _generator(engine)
-    out = _loop(engine, lambda: gen._render_splitting([(0, "a busy day [standin:429]", 1)], 4, 3.0))
-    assert [o.reason for o in out] == ["rate_limited"]
-    result = gen._result(out, 4, 3.0, 0.1, 1)
+    (result,) = _loop(engine, lambda: gen._run_batch(_jobs("a busy day [standin:429]")))
     assert result.failure == "rate_limited" and result.extra["retry_after_s"] == 7
 
 
 def test_generator_passes_the_cost_the_provider_reported(standins):
     engine = make(standins, "gpt-image")
     gen = _generator(engine)
-    (result,) = _loop(engine, lambda: gen._run_jobs([GenerateJob(prompt="a copper kettle", seed=3, n=2)]))
-    assert result.failure is None and len(result.images) == 2
+    (result,) = _loop(engine, lambda: gen._run_batch(_jobs("a copper kettle", n=2)))
+    assert result.failure is None and len(result.pngs) == 2
     whole = usage_cost(TokenUsage(text_input=3, image_output=2 * 7024), TokenPrices(**OPENAI_TOKENS))
     assert result.extra["usd_reported"] == pytest.approx(whole) and result.extra["images_reported"] == 2
 
@@ -585,15 +598,15 @@ def test_generator_passes_the_cost_the_provider_reported(standins):
 def test_generator_without_reported_cost_leaves_the_list_price(standins):
     engine = make(standins, "ideogram-4-5")
     gen = _generator(engine)
-    (result,) = _loop(engine, lambda: gen._run_jobs([GenerateJob(prompt="a menu board", seed=3, n=1)]))
+    (result,) = _loop(engine, lambda: gen._run_batch(_jobs("a menu board")))
     assert result.failure is None and "usd_reported" not in result.extra
 
 
 def test_generator_marks_a_retired_model_unavailable_in_info_and_metric(standins):
     engine = make(standins, "nano-banana-pro")
     gen = _generator(engine)
-    (result,) = _loop(engine, lambda: gen._run_jobs([GenerateJob(prompt="a vase [standin:retired]", seed=1)]))
-    assert result.failure == "model_retired" and result.images == []
+    (result,) = _loop(engine, lambda: gen._run_batch(_jobs("a vase [standin:retired]")))
+    assert result.failure == "model_retired" and result.pngs == []
     from deployments.generator import _availability
 
     shown = _availability(engine, None, engine.spec)

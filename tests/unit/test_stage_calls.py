@@ -1,4 +1,4 @@
-"""How the ingress maps what a downstream call raises (deployments/ingress.py call_within / call_retrying).
+"""How the ingress maps what a call to a generator raises (deployments/calls.py call_within / attempt).
 
 The errors are Ray's own exception classes, raised by a fault-injecting awaitable standing in for a
 DeploymentResponse: the cases a lost node produces (CI saw a bare 500 when the intent replica's node died).
@@ -19,7 +19,7 @@ from ray.exceptions import (
 )
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
-from deployments.ingress import _ReplicaDied, call_retrying, call_within
+from deployments.calls import ReplicaDied, attempt, call_within
 from graph.errors import CapacityError, DeadlineExceeded, InvalidRequest, PrismError, StageFailed
 
 
@@ -48,9 +48,9 @@ LOST = [ActorDiedError(), ActorUnavailableError("node gone", None), NodeDiedErro
 
 @pytest.mark.parametrize("error", LOST, ids=lambda e: type(e).__name__)
 def test_a_lost_replica_node_or_worker_is_a_replica_death_named_by_stage(error):
-    with pytest.raises(_ReplicaDied) as info:
-        asyncio.run(call_within(_Response_fault_injecting(error), None, "intent"))
-    assert info.value.stage == "intent" and info.value.error == type(error).__name__
+    with pytest.raises(ReplicaDied) as info:
+        asyncio.run(call_within(_Response_fault_injecting(error), None, "generate:fast"))
+    assert info.value.stage == "generate:fast" and info.value.error == type(error).__name__
 
 
 def test_other_ray_errors_are_a_502_naming_the_stage():
@@ -82,19 +82,31 @@ def test_past_the_deadline_cancels_the_call_and_is_a_504():
     assert response.cancelled
 
 
-def test_one_death_is_retried_once_and_two_are_a_502():
-    calls = []
+class _Handle_fault_injecting:
+    """A tier's handle whose generate.remote(job) answers with a fault-injecting response."""
 
-    def dies_then(value, deaths: int):
-        def call():
-            calls.append(1)
-            died = len(calls) <= deaths
-            return _Response_fault_injecting(NodeDiedError("gone") if died else None, value=value)
-        return call
+    def __init__(self, response):
+        self.generate = self
+        self.response = response
 
-    assert asyncio.run(call_retrying("intent", dies_then({"label": "icon"}, 1), None)) == {"label": "icon"}
-    assert len(calls) == 2
-    calls.clear()
-    with pytest.raises(StageFailed) as info:
-        asyncio.run(call_retrying("intent", dies_then("never", 2), None))
-    assert len(calls) == 2 and info.value.status_code == 502 and "died twice" in info.value.message
+    def remote(self, job):
+        return self.response
+
+
+ATTEMPTS = [
+    pytest.param(_Response_fault_injecting(NodeDiedError("gone")), "replica_died", id="replica_died"),
+    pytest.param(_Response_fault_injecting(BackPressureError(num_queued_requests=1, max_queued_requests=1)),
+                 "overloaded", id="backpressure"),
+    pytest.param(_Response_fault_injecting(RuntimeError("boom")), "error", id="bug_in_the_call"),
+    pytest.param(_Response_fault_injecting(value="late", hang_s=5), "deadline", id="attempt_timeout"),
+]
+
+
+@pytest.mark.parametrize("response,reason", ATTEMPTS)
+def test_an_attempt_maps_each_failure_to_a_fallback_reason(response, reason):
+    from graph.schemas import GenerateJob, RouteDecision
+
+    decision = RouteDecision(route="r", tier="fast", rule="x", max_latency_ms=60_000, attempt_timeout_ms=100)
+    got, detail, result = asyncio.run(attempt(_Handle_fault_injecting(response), "fast",
+                                              GenerateJob(prompt="p", seed=1), decision, time.perf_counter() + 60))
+    assert got == reason and result is None and detail

@@ -1,0 +1,183 @@
+"""Admission under bursts, measured from outside: how fast an overloaded Prism says no, and what the requests it
+takes on pay for it. One run, one Ray instance, loopback HTTP, the seeds' prompt mix:
+
+    .venv/bin/python -m benchmarks.burst --profile sim    # serve_config.sim.yaml (H100 latency profiles)
+    .venv/bin/python -m benchmarks.burst --profile cpu    # serve_config.yaml (what `make serve` runs)
+
+1. unloaded: the mix one request at a time: each route's unloaded latency.
+2. capacity: a closed loop at high concurrency: the goodput the profile sustains (200s per second).
+3. open loop at 10x that capacity (arrivals do not wait for answers, as real clients do not).
+4. 300 requests at once.
+5. a mixed spike at 10x capacity: 10% enterprise, 90% free.
+Goals (issue 16, set from what users need, not from this run): a refusal (503/429) at p99 within 50 ms under the
+open-loop spike and within 500 ms for 300 at once; admitted requests at most 1.2x their route's unloaded p95;
+nothing but 200 and designed refusals; at least 95% of enterprise requests admitted while free ones are shed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import httpx  # noqa: E402
+
+from benchmarks.serving import pct, start  # noqa: E402
+from graph.config import ROOT, load_serve_config  # noqa: E402
+
+PORT = 18100
+BASE = f"http://127.0.0.1:{PORT}"
+# The seeds' mix (loadtests/locustfile.py): mostly cheap work, some everyday images, a few posters and hero shots.
+MIX = ([("soft teal to purple gradient background for slides", "fast")] * 6
+       + [("flat minimal app icon of a rocket", "fast")] * 5
+       + [("a photo of a golden retriever on a beach at sunset, 35mm", "standard")] * 4
+       + [('a poster that says "GRAND OPENING"', "typography")] * 3
+       + [("hero image for our saas landing page, cinematic", "standard")] * 2)
+PROFILES = {"sim": "serve_config.sim.yaml", "cpu": "serve_config.yaml"}
+
+
+@dataclass
+class Outcome:
+    status: int
+    ms: float
+    route: str | None = None
+    user_tier: str = "free"
+    retry_after: bool = False
+    body: dict = field(default_factory=dict)
+
+
+async def send(client: httpx.AsyncClient, prompt: str, user_tier: str = "free", size: str = "256x256") -> Outcome:
+    t = time.perf_counter()
+    try:
+        r = await client.post("/v1/images/generations", json={"prompt": prompt, "size": size, "user_tier": user_tier})
+    except httpx.HTTPError as e:
+        return Outcome(status=-1, ms=(time.perf_counter() - t) * 1000, body={"error": type(e).__name__})
+    ms = (time.perf_counter() - t) * 1000
+    body = r.json() if r.headers.get("content-type", "").startswith("application/json") else {}
+    route = body.get("prism", {}).get("route") if r.status_code == 200 else None
+    return Outcome(r.status_code, ms, route, user_tier, "retry-after" in r.headers, body)
+
+
+def client() -> httpx.AsyncClient:
+    return httpx.AsyncClient(base_url=BASE, timeout=300, limits=httpx.Limits(max_connections=2000,
+                                                                           max_keepalive_connections=200))
+
+
+async def unloaded(n: int) -> list[Outcome]:
+    async with client() as c:
+        return [await send(c, MIX[i % len(MIX)][0]) for i in range(n)]
+
+
+async def closed_loop(concurrency: int, seconds: float) -> tuple[float, list[Outcome]]:
+    """Goodput (200s per second) of `concurrency` clients that send again as soon as they are answered."""
+    out, stop = [], time.monotonic() + seconds
+    async with client() as c:
+        async def worker(i: int):
+            k = i
+            while time.monotonic() < stop:
+                o = await send(c, MIX[k % len(MIX)][0])
+                out.append(o)
+                k += concurrency
+                if o.status != 200:
+                    await asyncio.sleep(0.05)  # a refused client backs off a little instead of spinning
+        t = time.monotonic()
+        await asyncio.gather(*(worker(i) for i in range(concurrency)))
+        elapsed = time.monotonic() - t
+    return sum(o.status == 200 for o in out) / elapsed, out
+
+
+async def open_loop(rate: float, seconds: float, enterprise_share: float = 0.0, seed: int = 0) -> list[Outcome]:
+    """Arrivals at `rate` per second (Poisson), each sent without waiting for the others."""
+    rng = random.Random(seed)
+    tasks, t0 = [], time.monotonic()
+    async with client() as c:
+        at = 0.0
+        while at < seconds:
+            delay = t0 + at - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            prompt = rng.choice(MIX)[0]
+            tier = "enterprise" if rng.random() < enterprise_share else "free"
+            tasks.append(asyncio.ensure_future(send(c, prompt, tier)))
+            at += rng.expovariate(rate)
+        return list(await asyncio.gather(*tasks))
+
+
+async def at_once(n: int) -> list[Outcome]:
+    async with client() as c:
+        return list(await asyncio.gather(*(send(c, MIX[i % len(MIX)][0]) for i in range(n))))
+
+
+def summary(name: str, outs: list[Outcome], base_p95: dict[str, float]) -> dict:
+    ok = [o for o in outs if o.status == 200]
+    refused = [o for o in outs if o.status in (503, 429) and o.retry_after]
+    other = [o for o in outs if o not in ok and o not in refused]
+    ratios = {}
+    for route, p95 in base_p95.items():
+        mine = [o.ms for o in ok if o.route == route]
+        if len(mine) >= 3:
+            ratios[route] = pct(mine, 95) / p95
+    row = {"name": name, "sent": len(outs), "ok": len(ok), "refused": len(refused), "other": len(other),
+           "refused_p50": pct([o.ms for o in refused], 50) if refused else None,
+           "refused_p99": pct([o.ms for o in refused], 99) if refused else None,
+           "accepted_p95_ratio": ratios, "other_codes": sorted({o.status for o in other})}
+    for tier in ("enterprise", "free"):
+        mine = [o for o in outs if o.user_tier == tier]
+        if mine and any(o.user_tier == "enterprise" for o in outs):
+            row[f"{tier}_admitted"] = sum(o.status == 200 for o in mine) / len(mine)
+    return row
+
+
+def show(row: dict) -> None:
+    def fmt(v):
+        return "-" if v is None else f"{v:.0f}"
+
+    ratios = ", ".join(f"{r} {v:.2f}x" for r, v in sorted(row["accepted_p95_ratio"].items())) or "-"
+    extra = "".join(f"; {k} {row[k]:.0%}" for k in ("enterprise_admitted", "free_admitted") if k in row)
+    print(f"| {row['name']} | {row['sent']} | {row['ok']} | {row['refused']} | {row['other']} "
+          f"{row['other_codes'] or ''} | {fmt(row['refused_p50'])} / {fmt(row['refused_p99'])} ms | {ratios}{extra} |",
+          flush=True)
+
+
+def run(profile: str, seconds: float) -> None:
+    cfg = load_serve_config(ROOT / PROFILES[profile])
+    cfg["http_options"]["port"] = PORT
+    cfg["applications"][0]["args"]["records"]["dir"] = tempfile.mkdtemp(prefix="prism-burst-")
+    start(cfg)
+    asyncio.run(unloaded(len(MIX)))  # warm every route (first renders load lazily)
+    base = asyncio.run(unloaded(3 * len(MIX)))
+    base_p95 = {}
+    for route in sorted({o.route for o in base if o.route}):
+        lat = [o.ms for o in base if o.route == route]
+        base_p95[route] = pct(lat, 95)
+        print(f"unloaded {route}: p50 {statistics.median(lat):.0f} ms, p95 {base_p95[route]:.0f} ms (n={len(lat)})")
+    capacity, _ = asyncio.run(closed_loop(32, seconds))
+    print(f"capacity (closed loop, 32 clients, {seconds:g} s): {capacity:.2f} renders/s", flush=True)
+    print("| run | sent | 200 | refused + Retry-After | other | refusal p50 / p99 | accepted p95 / unloaded p95 |")
+    print("|---|---|---|---|---|---|---|")
+    show(summary(f"open loop 10x ({10 * capacity:.1f}/s, {seconds:g} s)", asyncio.run(open_loop(10 * capacity,
+                                                                                                 seconds)), base_p95))
+    show(summary("300 at once", asyncio.run(at_once(300)), base_p95))
+    show(summary("mixed 10x, 10% enterprise", asyncio.run(open_loop(10 * capacity, seconds, 0.1, seed=1)),
+                 base_p95))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--profile", choices=sorted(PROFILES), default="sim")
+    ap.add_argument("--seconds", type=float, default=20)
+    args = ap.parse_args(argv)
+    run(args.profile, args.seconds)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,90 @@
+"""What a call to another deployment can end in, mapped to Prism's terms: Serve's overload and availability errors,
+a replica (or its node, or the worker holding the result) dying mid-call, a stage deadline, any other Ray error."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from ray.exceptions import (
+    LocalRayletDiedError,
+    NodeDiedError,
+    ObjectLostError,
+    RayActorError,
+    RayError,
+    WorkerCrashedError,
+)
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RayServeException
+
+from graph.errors import CapacityError, DeadlineExceeded, PrismError, StageFailed
+from graph.schemas import GenerateJob, GenerateResult, RouteDecision
+
+log = logging.getLogger("prism.calls")
+
+# What a call sees when the replica holding it is gone: the actor died (RayActorError, ActorUnavailableError), its
+# node died, the worker process crashed, or the result's owner went with it (ObjectLostError, OwnerDiedError).
+REPLICA_LOST = (RayActorError, NodeDiedError, WorkerCrashedError, ObjectLostError, LocalRayletDiedError)
+
+
+class ReplicaDied(Exception):
+    """The replica holding the call died; Serve retries only calls not yet started (ray#47237), so the caller
+    decides whether to run it again. Named by stage, not by whoever noticed (ray#61758)."""
+
+    def __init__(self, stage: str, error: str):
+        super().__init__(f"{stage}: {error}")
+        self.stage, self.error = stage, error
+
+
+class AttemptTimeout(Exception):
+    """A model attempt passed the route's attempt_timeout_ms while the request's deadline still holds."""
+
+
+async def call_within(response, deadline: float | None, stage: str, attempt_deadline: float | None = None):
+    """Await a downstream call within the deadline; map Serve's overload and availability errors."""
+    limit = deadline if attempt_deadline is None else min(deadline, attempt_deadline)
+    timeout = None if limit is None else limit - time.perf_counter()
+    try:
+        if timeout is not None and timeout <= 0:
+            raise TimeoutError
+        return await asyncio.wait_for(response, timeout)
+    except TimeoutError:
+        response.cancel()
+        if attempt_deadline is not None and attempt_deadline < deadline:
+            raise AttemptTimeout from None
+        raise DeadlineExceeded(f"stage {stage} did not finish within the request's deadline") from None
+    except BackPressureError:
+        raise CapacityError(f"stage {stage} is at capacity (its queue is full)", retry_after_s=1) from None
+    except DeploymentUnavailableError:
+        raise CapacityError(f"stage {stage} has no replica available", retry_after_s=5) from None
+    except REPLICA_LOST as e:
+        raise ReplicaDied(stage, type(e).__name__) from None
+    except PrismError:  # a replica's own PrismError (Ray re-raises it as one) keeps its status
+        raise
+    except (RayServeException, RayError) as e:  # anything else Ray raises: a clean 502 naming the stage
+        raise StageFailed(stage, f"stage {stage} failed: {type(e).__name__}") from None
+
+
+async def attempt(handle, tier: str, job: GenerateJob, decision: RouteDecision,
+                  deadline: float) -> tuple[str | None, str, GenerateResult | None]:
+    """One model attempt on a tier -> (failure reason or None, detail, result): what the chain walk decides on."""
+    attempt_deadline = None
+    if decision.attempt_timeout_ms:
+        attempt_deadline = time.perf_counter() + decision.attempt_timeout_ms / 1000
+    try:
+        result = await call_within(handle.generate.remote(job), deadline, f"generate:{tier}",
+                                   attempt_deadline=attempt_deadline)
+    except AttemptTimeout:
+        return "deadline", f"no answer within attempt_timeout_ms={decision.attempt_timeout_ms}", None
+    except ReplicaDied as e:
+        return "replica_died", f"the {e.stage} replica died mid-render ({e.error})", None
+    except CapacityError as e:
+        return "overloaded", e.message, None
+    except DeadlineExceeded:
+        raise
+    except PrismError as e:
+        return e.code, e.message, None
+    except Exception as e:  # a replica crashed or the call failed: try the next model
+        log.warning("tier %s failed: %r", tier, e)
+        return "error", type(e).__name__, None
+    return result.failure, result.detail, result
