@@ -150,7 +150,7 @@ def show(row: dict) -> None:
 def run(profile: str, seconds: float) -> None:
     cfg = load_serve_config(ROOT / PROFILES[profile])
     cfg["http_options"]["port"] = PORT
-    cfg["applications"][0]["args"]["records"]["dir"] = tempfile.mkdtemp(prefix="prism-burst-")
+    cfg["applications"][0]["args"].setdefault("records", {})["dir"] = tempfile.mkdtemp(prefix="prism-burst-")
     start(cfg)
     asyncio.run(unloaded(len(MIX)))  # warm every route (first renders load lazily)
     base = asyncio.run(unloaded(3 * len(MIX)))

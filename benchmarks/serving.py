@@ -129,9 +129,12 @@ def overhead() -> None:
               f"ingress-only p50 {statistics.median(bare_l):6.1f} p95 {pct(bare_l, 95):6.1f} | stages p50 "
               f"{statistics.median(stages):5.1f} | graph adds p50 {adds:5.1f} ms | non-200: {bad_f}/{bad_b}")
     asyncio.run(drive("/v1/route", [body] * 20, 1))
-    route, _, bad = asyncio.run(drive("/v1/route", [body] * 100, 1))
+    route, routed, bad = asyncio.run(drive("/v1/route", [body] * 100, 1))
+    bare_l, _, _ = asyncio.run(drive("/bare/v1/images/generations", [body] * 100, 1))
+    intent = statistics.median(o["timings_ms"].get("intent", 0.0) for o in routed)
     print(f"  /v1/route (classifier + rules, no model) concurrency 1: p50 {statistics.median(route):.1f} ms, "
-          f"p95 {pct(route, 95):.1f} ms, non-200 {bad}")
+          f"p95 {pct(route, 95):.1f} ms, non-200 {bad} | of which the classifier (MiniLM + head) p50 {intent:.1f} ms"
+          f" | the bare ingress's round trip p50 {statistics.median(bare_l):.1f} ms")
 
 
 def routed() -> None:
