@@ -52,8 +52,8 @@ class PrismMetrics:
                            tag_keys=("result",))
         self.degraded = Counter("prism_degraded_total", description="Renders moved to a cheaper route by load or "
                                                                     "budget (brownout).", tag_keys=("route",))
-        self.rejections = Counter("prism_rejections_total", description="Requests refused for capacity (503/429).",
-                                  tag_keys=("reason",))
+        self.rejections = Counter("prism_rejections_total", description="Requests refused for capacity (503/429), "
+                                  "by reason and the user tier that was shed.", tag_keys=("reason", "user_tier"))
         self.cost = Counter("prism_cost_usd_total", description="Cost of renders in USD.",
                             tag_keys=("user_tier", "model"))
         self.canary_rollbacks = Counter("prism_canary_rollbacks_total", description="Automatic canary rollbacks.",
@@ -83,4 +83,4 @@ class PrismMetrics:
             code = (rec.get("error") or {}).get("code")
             self.failures.inc(tags={"route": render["route"], **self.tags(reason=code)})
             if rec.get("status") in (429, 503):
-                self.rejections.inc(tags=self.tags(reason=code))
+                self.rejections.inc(tags=self.tags(reason=code, user_tier=rec.get("user_tier")))
