@@ -24,7 +24,15 @@ from pathlib import Path
 import numpy as np
 
 from engines import shapes
-from engines.builtin import MODELS_DIR, BuiltinModel, TextEncoder, condition, parse_features, unet_config
+from engines.builtin import (
+    MODELS_DIR,
+    BuiltinModel,
+    TextEncoder,
+    condition,
+    coord_channels,
+    parse_features,
+    unet_config,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".cache"
@@ -45,9 +53,13 @@ class TierRecipe:
     ema_decay: float = 0.995
     patch: int = 1  # 2: the UNet works on 2x2 pixel patches (space-to-depth), 4x cheaper per image
     min_snr: float = 0.0  # >0: min-SNR-gamma loss weighting (faster convergence)
-    # attr: a caption parser (logistic regression per attribute on the embedding) feeds its probabilities;
+    # labels: the UNet learns from the scenes' attribute labels (one-hot per group) through a learned MLP, and a
+    #   caption parser fitted apart (varied captions) plus word rules (engines/caption_rules.py) reads prompts;
+    # attr: a caption parser (MLP per attribute on the embedding) feeds its probabilities through a fixed map;
     # pca: the embedding PCA-whitened to cond_dims; std: standardised per dimension (cond_dims = 384)
     cond: str = "attr"
+    coords: bool = False  # x, y input channels beside the noisy image
+    fg_weight: float = 0.0  # >0: the shape's pixels and outline weigh 1 + fg_weight in the loss
     sampler: str = "dpm++"
     seed: int = 0
     notes: str = ""
@@ -68,29 +80,37 @@ MODELS: dict[str, TierRecipe] = {
 
 
 def _scene(args: tuple[int, int, int]):
-    """Item i of a pool: its own generator, so pools are reproducible and render in parallel."""
+    """Item i of a pool: its own generator, so pools are reproducible and render in parallel.
+
+    Returns the caption, the jittered render and the shape's mask (pixels the shape changed)."""
     seed, i, size = args
     rng = np.random.default_rng([seed, i])
     s = shapes.sample_training_scene(rng)
-    return shapes.caption(s, rng), shapes.render(s, size, jitter=rng)
+    text = shapes.caption(s, rng)
+    img = shapes.render(s, size, jitter=rng)
+    bare = shapes.render(shapes.Scene(s.background, s.bg_colors, s.direction), size)
+    return text, img, np.abs(img.astype(np.int16) - bare).max(-1) > 8
 
 
-def build_pool(n: int, size: int, seed: int, emb_file: Path | None = None) -> dict[str, np.ndarray]:
-    """n training scenes (held-out combinations excluded): captions, jittered renders, caption embeddings.
+def build_pool(n: int, size: int, seed: int, emb_file: Path | None = None, embed: bool = True) -> dict[str, np.ndarray]:
+    """n training scenes (held-out combinations excluded): captions, jittered renders, shape masks, attribute
+    labels and (embed) caption embeddings.
 
     Cached in .cache/; `emb_file` supplies embeddings computed elsewhere (a machine without the encoder)."""
-    path = CACHE / f"builtin_pool_s{seed}_n{n}_{size}.npz"
+    path = CACHE / f"builtin_pool_s{seed}_n{n}_{size}{'' if embed else '_noemb'}.npz"
     if path.exists():
         return dict(np.load(path, allow_pickle=False))
     from multiprocessing import Pool
 
     with Pool(os.cpu_count() or 1) as workers:
         items = workers.map(_scene, [(seed, i, size) for i in range(n)], chunksize=256)
-    captions = [c for c, _ in items]
-    images = np.stack([im for _, im in items])
-    emb = np.load(emb_file)["emb"].astype(np.float32) if emb_file else TextEncoder()(captions)
+    captions = [c for c, _, _ in items]
+    out = {"images": np.stack([im for _, im, _ in items]), "masks": np.stack([m for _, _, m in items]),
+           "captions": np.array(captions), "labels": labels(pool_scenes(n, seed))}
+    if embed:
+        out["emb"] = (np.load(emb_file)["emb"] if emb_file else TextEncoder()(captions)).astype(np.float32)
     CACHE.mkdir(exist_ok=True)
-    np.savez(path, images=images, emb=emb.astype(np.float32), captions=np.array(captions))
+    np.savez(path, **out)
     return dict(np.load(path, allow_pickle=False))
 
 
@@ -99,20 +119,46 @@ def pool_scenes(n: int, seed: int) -> list[shapes.Scene]:
     return [shapes.sample_training_scene(np.random.default_rng([seed, i])) for i in range(n)]
 
 
-def fit_parser(emb: np.ndarray, scenes: list[shapes.Scene], seed: int = 0) -> dict[str, np.ndarray]:
+def labels(scenes: list[shapes.Scene]) -> np.ndarray:
+    """One row of label indices per scene, one column per attribute group (shapes.ATTRIBUTES order)."""
+    return np.array([list(shapes.attributes(s).values()) for s in scenes], dtype=np.int64)
+
+
+def one_hot(lab: np.ndarray) -> np.ndarray:
+    """Label indices -> the concatenated one-hot layout of `engines.builtin.parse_features`."""
+    sizes = [len(v) for v in shapes.ATTRIBUTES.values()]
+    out = np.zeros((len(lab), sum(sizes)), np.float32)
+    offsets = np.cumsum([0] + sizes[:-1])
+    out[np.arange(len(lab))[:, None], offsets[None, :] + lab] = 1.0
+    return out
+
+
+def parser_pool(n: int, seed: int) -> dict[str, np.ndarray]:
+    """Captions for fitting the caption parser: training scenes in the wide grammar (`shapes.varied_caption`)."""
+    path = CACHE / f"parser_pool_s{seed}_n{n}.npz"
+    if path.exists():
+        return dict(np.load(path, allow_pickle=False))
+    rng = np.random.default_rng([seed, 7])
+    scenes = [shapes.sample_training_scene(rng) for _ in range(n)]
+    captions = [shapes.varied_caption(s, rng) for s in scenes]
+    CACHE.mkdir(exist_ok=True)
+    np.savez(path, captions=np.array(captions), labels=labels(scenes), emb=TextEncoder()(captions))
+    return dict(np.load(path, allow_pickle=False))
+
+
+def fit_parser(emb: np.ndarray, lab: np.ndarray, seed: int = 0, tag: str = "") -> dict[str, np.ndarray]:
     """The caption parser: a one-hidden-layer MLP per attribute group on the MiniLM embedding.
 
     A linear model reads the words but not who they belong to ("red star on blue" vs "blue star on red":
     81% background colour on held-out captions); the MLP reads the binding (99.5%). Cached per pool."""
     from sklearn.neural_network import MLPClassifier
 
-    path = CACHE / f"parser_s{seed}_n{len(emb)}.npz"
+    path = CACHE / f"parser{tag}_s{seed}_n{len(emb)}.npz"
     if path.exists():
         return dict(np.load(path))
-    labels = [shapes.attributes(s) for s in scenes]
     out = {}
-    for group, names in shapes.ATTRIBUTES.items():
-        y = np.array([lab[group] for lab in labels])
+    for k, (group, names) in enumerate(shapes.ATTRIBUTES.items()):
+        y = lab[:, k]
         clf = MLPClassifier((256,), max_iter=60, random_state=seed).fit(emb, y)
         w2, b2 = clf.coefs_[1], clf.intercepts_[1]
         if len(clf.classes_) == 2:  # binary: sklearn keeps one logit
@@ -128,18 +174,27 @@ def fit_parser(emb: np.ndarray, scenes: list[shapes.Scene], seed: int = 0) -> di
     return out
 
 
-def make_conditioning(recipe: TierRecipe, emb: np.ndarray, scenes: list[shapes.Scene]) -> dict[str, np.ndarray]:
-    """The tensors `engines.builtin.condition` needs: parser weights (attr), mean and projection."""
+def make_conditioning(recipe: TierRecipe, pool: dict) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """(tensors `engines.builtin.condition` needs, the UNet's training input per pool item).
+
+    labels: the input is the one-hot labels (a learned MLP embeds them; its weights are added after training);
+    otherwise the input is already the conditioning vector (fixed maps of the caption embedding)."""
+    if recipe.cond == "labels":
+        pp = parser_pool(recipe.extra.get("parser_pool", 60000), recipe.seed)
+        parser = fit_parser(pp["emb"], pp["labels"], recipe.seed, tag="_varied")
+        return {**parser, "rules": np.ones(1, np.float32)}, one_hot(pool["labels"])
     if recipe.cond != "attr":
-        mean, proj = conditioning(emb, recipe.cond_dims, recipe.cond)
-        return {"mean": mean, "proj": proj}
-    parser = fit_parser(emb, scenes, recipe.seed)
-    feats = parse_features(parser, emb)
+        mean, proj = conditioning(pool["emb"], recipe.cond_dims, recipe.cond)
+        cond = {"mean": mean, "proj": proj}
+        return cond, condition(cond, pool["emb"])
+    parser = fit_parser(pool["emb"], pool["labels"], recipe.seed)
+    feats = parse_features(parser, pool["emb"])
     # a fixed orthonormal map spreads the attribute probabilities over the time-embedding width
     q, _ = np.linalg.qr(np.random.default_rng(recipe.seed).normal(size=(recipe.cond_dims, feats.shape[1])))
     scale = 1.0 / (feats.std(0).mean() + 1e-6)
-    return {**parser, "mean": feats.mean(0).astype(np.float32),
+    cond = {**parser, "mean": feats.mean(0).astype(np.float32),
             "proj": np.ascontiguousarray(q.T * scale, dtype=np.float32)}
+    return cond, condition(cond, pool["emb"])
 
 
 def conditioning(emb: np.ndarray, dims: int, kind: str = "pca") -> tuple[np.ndarray, np.ndarray]:
@@ -157,70 +212,178 @@ def conditioning(emb: np.ndarray, dims: int, kind: str = "pca") -> tuple[np.ndar
     return mean.astype(np.float32), np.ascontiguousarray(proj, dtype=np.float32)
 
 
-def train(recipe: TierRecipe, pool: dict, device: str = "cpu", log_every: int = 250):
-    """Returns (EMA UNet, conditioning mean/std, seconds, images/s)."""
+def _net(recipe: TierRecipe, n_in: int):
+    """The trained module: the UNet, and for `labels` conditioning the MLP that embeds attribute labels."""
     import torch
-    from diffusers import DDPMScheduler, UNet2DModel
+    from diffusers import UNet2DModel
 
-    torch.manual_seed(recipe.seed)
-    g = torch.Generator().manual_seed(recipe.seed)
-    cfg = unet_config(recipe.channels, recipe.layers, recipe.attention, recipe.size, recipe.cond_dims, recipe.patch)
-    unet, ema = UNet2DModel(**cfg).to(device), UNet2DModel(**cfg).to(device)
-    ema.load_state_dict(unet.state_dict())
-    ema.requires_grad_(False)
-    ema_params = list(ema.parameters())
-    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction")
-    opt = torch.optim.AdamW(unet.parameters(), lr=recipe.lr, weight_decay=0.01)
-    warm = 200
-    lr_at = lambda s: min(1.0, (s + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * s / recipe.train_steps)))  # noqa: E731
-    lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    cond_tensors = make_conditioning(recipe, pool["emb"], pool_scenes(len(pool["emb"]), recipe.seed))
-    cond_all = torch.from_numpy(condition(cond_tensors, pool["emb"])).float()
+    cfg = unet_config(recipe.channels, recipe.layers, recipe.attention, recipe.size, recipe.cond_dims, recipe.patch,
+                      recipe.coords)
+    net = torch.nn.Module()
+    net.unet = UNet2DModel(**cfg)
+    if recipe.cond == "labels":
+        d = recipe.cond_dims
+        net.embed = torch.nn.Sequential(torch.nn.Linear(n_in, d), torch.nn.SiLU(), torch.nn.Linear(d, d))
+    return net
+
+
+class Run:
+    """One training run's state, checkpointed to `dir` so a stopped run resumes where it was (within minutes)."""
+
+    def __init__(self, recipe: TierRecipe, n_in: int, device: str, dir: Path | None = None):
+        import torch
+        from diffusers import DDPMScheduler
+
+        torch.manual_seed(recipe.seed)
+        self.recipe, self.dir, self.device = recipe, dir, device
+        self.g = torch.Generator().manual_seed(recipe.seed)
+        self.net, self.ema = _net(recipe, n_in).to(device), _net(recipe, n_in).to(device)
+        self.ema.load_state_dict(self.net.state_dict())
+        self.ema.requires_grad_(False)
+        self.sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
+                                   prediction_type="v_prediction")
+        self.opt = torch.optim.AdamW(self.net.parameters(), lr=recipe.lr, weight_decay=0.01)
+        warm, total = 200, recipe.train_steps
+        cosine = lambda s: 0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * min(s, total) / total))  # noqa: E731
+        self.lr_sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: min(1.0, (s + 1) / warm) * cosine(s))
+        self.step, self.seconds = 0, 0.0
+        if dir is not None and (dir / "ckpt.pt").exists():
+            self.load()
+
+    def state(self) -> dict:
+        return {"step": self.step, "seconds": self.seconds, "recipe": asdict(self.recipe), "net": self.net.state_dict(),
+                "ema": self.ema.state_dict(), "opt": self.opt.state_dict(), "lr_sched": self.lr_sched.state_dict(),
+                "g": self.g.get_state()}
+
+    def save(self) -> None:
+        """Atomically: a run stopped while saving keeps its previous checkpoint."""
+        import torch
+
+        self.dir.mkdir(parents=True, exist_ok=True)
+        torch.save(self.state(), self.dir / "ckpt.tmp")
+        os.replace(self.dir / "ckpt.tmp", self.dir / "ckpt.pt")
+
+    def load(self) -> None:
+        import torch
+
+        st = torch.load(self.dir / "ckpt.pt", map_location=self.device, weights_only=False)
+        want = {k: v for k, v in asdict(self.recipe).items() if k not in ("train_steps", "notes")}
+        have = {k: v for k, v in st["recipe"].items() if k not in ("train_steps", "notes")}
+        if want != have:
+            raise SystemExit(f"{self.dir / 'ckpt.pt'} was trained with another recipe: {have}; asked for {want}. "
+                             "Move it away to start over.")
+        self.net.load_state_dict(st["net"])
+        self.ema.load_state_dict(st["ema"])
+        self.opt.load_state_dict(st["opt"])
+        self.lr_sched.load_state_dict(st["lr_sched"])
+        self.g.set_state(st["g"])
+        self.step, self.seconds = st["step"], st["seconds"]
+        print(f"resumed {self.dir} at step {self.step} ({self.seconds / 60:.1f} min trained)", flush=True)
+
+    def log(self, row: dict) -> None:
+        print(json.dumps(row), flush=True)
+        if self.dir is not None:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            with open(self.dir / "log.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+def _loss(run: Run, x0, c, mask):
+    """One batch's v-prediction loss (min-SNR weighted, the shape's pixels weighted up when asked)."""
+    import torch
+    import torch.nn.functional as F
+
+    r = run.recipe
+    n = len(x0)
+    drop = (torch.rand(n, generator=run.g) < 0.1).to(x0.device)
+    if r.cond == "labels":
+        c = run.net.embed(c)
+    c = torch.where(drop[:, None], torch.zeros_like(c), c)  # zeros = unconditional (classifier-free guidance)
+    noise = torch.randn(x0.shape, generator=run.g).to(x0.device)
+    t = torch.randint(0, 1000, (n,), generator=run.g).to(x0.device)
+    alphas = run.sched.alphas_cumprod.to(x0.device)[t][:, None, None, None]
+    xt, v = alphas.sqrt() * x0 + (1 - alphas).sqrt() * noise, alphas.sqrt() * noise - (1 - alphas).sqrt() * x0
+    xin = F.pixel_unshuffle(xt, r.patch) if r.patch > 1 else xt
+    if r.coords:
+        xin = torch.cat([xin, coord_channels(xin.shape[-1], n).to(xin)], 1)
+    # bf16 autocast on GPU only: on this CPU (no AVX512-bf16) it is 15x slower than fp32
+    with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=x0.device.type == "cuda"):
+        pred = run.net.unet(xin, t, class_labels=c).sample.float()
+    if r.patch > 1:
+        pred = F.pixel_shuffle(pred, r.patch)
+    w = torch.ones_like(mask)
+    if r.fg_weight > 0:  # the shape and a pixel around it: where identity is decided
+        w = 1 + r.fg_weight * F.max_pool2d(mask, 3, stride=1, padding=1)
+    err = ((pred - v).pow(2).mean(1, keepdim=True) * w).sum(dim=(1, 2, 3)) / w.sum(dim=(1, 2, 3))
+    if r.min_snr > 0:  # v-loss weight min(SNR, gamma) / (SNR + 1)
+        snr = alphas.flatten() / (1 - alphas.flatten())
+        err = err * snr.clamp(max=r.min_snr) / (snr + 1)
+    return err.mean()
+
+
+def train(recipe: TierRecipe, pool: dict, device: str = "cpu", log_every: int = 250, run_dir: Path | None = None,
+          probe=None, probe_every: int = 0, ckpt_every_s: float = 180.0):
+    """Returns (EMA UNet, conditioning tensors, seconds, images/s, scheduler).
+
+    run_dir: checkpoints and log.jsonl there, resuming from its checkpoint; probe(run) -> dict every probe_every
+    steps (a held-out adherence probe, logged)."""
+    import torch
+
+    cond_tensors, cond_in = make_conditioning(recipe, pool)
+    run = Run(recipe, cond_in.shape[1], device, run_dir)
+    cond_all = torch.from_numpy(cond_in).float()
     images = torch.from_numpy(pool["images"]).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
-    alphas = sched.alphas_cumprod.to(device)
-    t0, n = time.perf_counter(), len(images)
-    for step in range(recipe.train_steps):
-        idx = torch.randint(0, n, (recipe.batch,), generator=g)
-        x0, c = images[idx].to(device), cond_all[idx].to(device)
-        if recipe.patch > 1:
-            x0 = torch.nn.functional.pixel_unshuffle(x0, recipe.patch)
-        drop = (torch.rand(recipe.batch, generator=g) < 0.1).to(device)
-        c = torch.where(drop[:, None], torch.zeros_like(c), c)
-        noise = torch.randn(x0.shape, generator=g).to(device)
-        t = torch.randint(0, 1000, (recipe.batch,), generator=g).to(device)
-        a = alphas[t].sqrt()[:, None, None, None]
-        s = (1 - alphas[t]).sqrt()[:, None, None, None]
-        xt, v = a * x0 + s * noise, a * noise - s * x0
-        # bf16 autocast on GPU only: on this CPU (no AVX512-bf16) it is 15x slower than fp32
-        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda")):
-            pred = unet(xt, t, class_labels=c).sample
-        err = (pred.float() - v).pow(2).mean(dim=(1, 2, 3))
-        if recipe.min_snr > 0:  # v-loss weight min(SNR, gamma) / (SNR + 1)
-            snr = alphas[t] / (1 - alphas[t])
-            err = err * snr.clamp(max=recipe.min_snr) / (snr + 1)
-        loss = err.mean()
-        opt.zero_grad(set_to_none=True)
+    masks = torch.from_numpy(pool["masks"])[:, None].float()
+    ema_params, net_params = list(run.ema.parameters()), list(run.net.parameters())
+    t0, start, last_ckpt, losses = time.perf_counter(), run.step, time.perf_counter(), []
+    while run.step < recipe.train_steps:
+        idx = torch.randint(0, len(images), (recipe.batch,), generator=run.g)
+        loss = _loss(run, images[idx].to(device), cond_all[idx].to(device), masks[idx].to(device))
+        run.opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        lr_sched.step()
-        decay = min(recipe.ema_decay, (1 + step) / (10 + step))
+        torch.nn.utils.clip_grad_norm_(net_params, 1.0)
+        run.opt.step()
+        run.lr_sched.step()
+        decay = min(recipe.ema_decay, (1 + run.step) / (10 + run.step))
         with torch.no_grad():
-            torch._foreach_lerp_(ema_params, list(unet.parameters()), 1 - decay)
-        if log_every and (step % log_every == 0 or step == recipe.train_steps - 1):
-            el = time.perf_counter() - t0
-            print(f"step {step:5d} loss {loss.item():.4f} {el:6.0f}s {(step + 1) * recipe.batch / el:6.0f} img/s",
-                  flush=True)
-    seconds = time.perf_counter() - t0
-    return ema.eval(), cond_tensors, seconds, recipe.train_steps * recipe.batch / seconds, sched
+            torch._foreach_lerp_(ema_params, net_params, 1 - decay)
+        run.step += 1
+        losses.append(loss.item())
+        now = time.perf_counter()
+        if log_every and (run.step % log_every == 0 or run.step == recipe.train_steps):
+            el = run.seconds + now - t0
+            run.log({"step": run.step, "loss": round(float(np.mean(losses)), 5), "minutes": round(el / 60, 2),
+                     "img_s": round((run.step - start) * recipe.batch / (now - t0), 1)})
+            losses = []
+        if probe is not None and probe_every and run.step % probe_every == 0:
+            run.seconds += time.perf_counter() - t0  # the probe's time is not training time
+            run.log({"step": run.step, "probe": probe(run, cond_tensors)})
+            t0, start = time.perf_counter(), run.step
+        if run_dir is not None and (now - last_ckpt > ckpt_every_s or run.step == recipe.train_steps):
+            run.seconds += time.perf_counter() - t0
+            t0, start, last_ckpt = time.perf_counter(), run.step, time.perf_counter()
+            run.save()
+    run.seconds += time.perf_counter() - t0
+    return run.ema.eval(), export_conditioning(run, cond_tensors), run.seconds, \
+        recipe.train_steps * recipe.batch / max(run.seconds, 1e-9), run.sched
+
+
+def export_conditioning(run: Run, cond: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The conditioning tensors with the EMA attribute-embedding MLP's weights (numpy, as the engine applies them)."""
+    if not hasattr(run.ema, "embed"):
+        return cond
+    lin1, lin2 = run.ema.embed[0], run.ema.embed[2]
+    w = {"embed.w1": lin1.weight.T, "embed.b1": lin1.bias, "embed.w2": lin2.weight.T, "embed.b2": lin2.bias}
+    return {**cond, **{k: np.ascontiguousarray(v.detach().cpu().float().numpy()) for k, v in w.items()}}
 
 
 def save_conditioning(cond: dict[str, np.ndarray], path: Path) -> None:
-    """Parser weights in fp16 (half the size, same argmax), mean and projection in fp32."""
+    """Parser and embedding weights in fp16 (half the size, same argmax), mean and projection in fp32."""
     import torch
     from safetensors.torch import save_file
 
-    save_file({k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float16 if k.startswith("parser.") else np.float32))
+    half = ("parser.", "embed.")
+    save_file({k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float16 if k.startswith(half) else np.float32))
                for k, v in cond.items()}, str(path))
 
 
@@ -229,7 +392,8 @@ def save(name: str, recipe: TierRecipe, ema, cond, sched, seconds: float, ips: f
     import torch
 
     out.mkdir(parents=True, exist_ok=True)
-    ema.to(torch.float16).save_pretrained(out / "unet", safe_serialization=True)
+    unet = getattr(ema, "unet", ema)
+    unet.to(torch.float16).save_pretrained(out / "unet", safe_serialization=True)
     sched.save_pretrained(out / "scheduler")
     save_conditioning(cond, out / "conditioning.safetensors")
     params = sum(p.numel() for p in ema.parameters())
@@ -241,12 +405,21 @@ def save(name: str, recipe: TierRecipe, ema, cond, sched, seconds: float, ips: f
     return out
 
 
-def evaluate(model: BuiltinModel, n: int = 200, steps: int | None = None, guidance: float | None = None,
-             sampler: str | None = None, batch: int = 25, seed: int = 1234) -> dict:
-    """Adherence on held-out caption combinations (solid backgrounds), plus latency at batch 1."""
+def eval_prompts(n: int, seed: int = 1234, phrasing: str = "training") -> tuple[list[shapes.Scene], list[str]]:
+    """Held-out caption combinations (solid backgrounds), phrased with the training or the held-out templates."""
+    from engines import phrasings_heldout
+
     scenes = shapes.sample_eval_scenes(n, seed=seed)
     rng = np.random.default_rng(seed)
-    prompts = [shapes.caption(s, rng) for s in scenes]
+    phrase = {"training": shapes.caption, "held-out": phrasings_heldout.caption}[phrasing]
+    return scenes, [phrase(s, rng) for s in scenes]
+
+
+def evaluate(model: BuiltinModel, n: int = 200, steps: int | None = None, guidance: float | None = None,
+             sampler: str | None = None, batch: int = 25, seed: int = 1234, phrasing: str = "training",
+             latency: bool = True) -> dict:
+    """Adherence on held-out caption combinations (solid backgrounds), plus latency at batch 1."""
+    scenes, prompts = eval_prompts(n, seed, phrasing)
     steps = steps or model.meta["steps"]
     guidance = model.meta["guidance"] if guidance is None else guidance
     sampler = sampler or model.meta["sampler"]
@@ -255,12 +428,13 @@ def evaluate(model: BuiltinModel, n: int = 200, steps: int | None = None, guidan
         imgs = model.generate(prompts[i:i + batch], list(range(i, min(i + batch, n))), steps, guidance, sampler)
         results += [shapes.check((im * 255 + 0.5).astype(np.uint8), s) for im, s in zip(imgs, scenes[i:i + batch],
                                                                                            strict=True)]
-    lat = []
-    for k in range(6):
+    lat = [] if latency else [float("nan")] * 2
+    for k in range(6 if latency else 0):
         t = time.perf_counter()
         model.generate(["a red star on a blue background"], [k], steps, guidance, sampler)
         lat.append(time.perf_counter() - t)
-    return {"n": n, "steps": steps, "guidance": guidance, "sampler": sampler, **shapes.score(results),
+    return {"n": n, "phrasing": phrasing, "steps": steps, "guidance": guidance, "sampler": sampler,
+            **shapes.score(results),
             "latency_ms_p50_batch1": round(1000 * float(np.median(lat[1:])), 1)}
 
 
@@ -304,18 +478,39 @@ def _override(kv: str) -> tuple[str, object]:
     return key, json.loads(value)
 
 
+def make_probe(name: str, n: int, out: Path, device: str = "cpu"):
+    """probe(run, cond) -> adherence of the run's EMA weights on n held-out scenes, training and held-out phrasings,
+    at the recipe's default sampling (no latency: the machine is busy training)."""
+    import copy
+
+    encoder = TextEncoder(device)
+
+    def probe(run: Run, cond: dict) -> dict:
+        d = save(name, run.recipe, copy.deepcopy(run.ema), export_conditioning(run, cond), run.sched, 0, 0, out)
+        model = BuiltinModel(d, device=device, encoder=encoder)
+        keys = ("bg", "color", "shape", "size", "position")
+        return {ph: {k: v for k, v in evaluate(model, n=n, phrasing=ph, latency=False).items() if k in keys}
+                for ph in ("training", "held-out")}
+
+    return probe
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", "--tier", dest="tier", choices=sorted(MODELS), action="append",
                     help="model(s) to train; default all")
     ap.add_argument("--out", type=Path, default=MODELS_DIR)
     ap.add_argument("--pool", type=int, default=20000, help="training scenes rendered once (jittered)")
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 2))
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--eval", type=int, default=300, help="held-out scenes scored after training")
+    ap.add_argument("--eval", type=int, default=200, help="held-out scenes scored after training, per phrasing set")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                     help="override a recipe field, e.g. --set train_steps=500 --set 'channels=[32,64,128]'")
     ap.add_argument("--emb-file", type=Path, help="caption embeddings computed elsewhere (.npz with `emb`)")
+    ap.add_argument("--run-dir", type=Path, help="checkpoints + log.jsonl (default .cache/train/<model>); "
+                                                 "a run started again resumes from its checkpoint")
+    ap.add_argument("--probe-every", type=int, default=1000, help="steps between held-out adherence probes (0: none)")
+    ap.add_argument("--probe-n", type=int, default=50, help="held-out scenes per probe and phrasing set")
     args = ap.parse_args(argv)
     import torch
 
@@ -323,12 +518,17 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     for name in args.tier or list(MODELS):
         recipe = TierRecipe(**{**asdict(MODELS[name]), **dict(_override(kv) for kv in args.set)})
-        pool = build_pool(args.pool, recipe.size, recipe.seed, args.emb_file)
+        pool = build_pool(args.pool, recipe.size, recipe.seed, args.emb_file, embed=recipe.cond != "labels")
+        run_dir = args.run_dir or CACHE / "train" / name
         print(f"== {name}: {recipe}", flush=True)
-        ema, cond, seconds, ips, sched = train(recipe, pool, args.device)
+        probe = make_probe(name, args.probe_n, run_dir / "probe", args.device) if args.probe_every else None
+        ema, cond, seconds, ips, sched = train(recipe, pool, args.device, run_dir=run_dir, probe=probe,
+                                               probe_every=args.probe_every)
         out = save(name, recipe, ema, cond, sched, seconds, ips, args.out / name,
                    {"threads": args.threads, "pool": args.pool})
-        metrics = evaluate(BuiltinModel(out, device=args.device), n=args.eval) if args.eval else {}
+        model = BuiltinModel(out, device=args.device)
+        metrics = {ph: evaluate(model, n=args.eval, phrasing=ph, latency=ph == "training")
+                   for ph in ("training", "held-out")} if args.eval else {}
         (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
         write_card(out, name, recipe, metrics)
         print(f"== {name}: {seconds / 60:.1f} min, {ips:.0f} img/s, {metrics}", flush=True)
