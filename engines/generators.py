@@ -268,10 +268,12 @@ class BuiltinEngine:
         """Prompts that ask for a plain one-colour background: a flat render is right there, not a failure."""
         return [p["shape"] == "none" and p["background"] == "solid" for p in self.model.parse(list(prompts))]
 
-    def generate(self, prompts: list[str], seeds: list[int], steps: int, guidance: float) -> list[np.ndarray]:
-        """Float32 HxWx3 arrays in [0, 1]; NaN/Inf in the latents aborts at that step."""
+    def generate(self, prompts: list[str], seeds: list[int], steps: int, guidance: float,
+                 emb: np.ndarray | None = None) -> list[np.ndarray]:
+        """Float32 HxWx3 arrays in [0, 1]; NaN/Inf in the latents aborts at that step. `emb`: the prompts' MiniLM
+        embeddings when the caller already has them (else the model computes them)."""
         imgs = self.model.generate(list(prompts), list(seeds), int(steps), float(guidance), self.spec.sampler,
-                                   on_step=_abort_on_nonfinite_step)
+                                   on_step=_abort_on_nonfinite_step, emb=emb)
         return list(imgs)
 
 
