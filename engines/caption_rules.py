@@ -22,6 +22,7 @@ _SIZE_WORDS = {"small": "small", "tiny": "small", "little": "small", "large": "l
 _GRADIENT_WORDS = {"gradient", "fading", "fade", "fades", "blend", "blending"}
 _STRIPE_WORDS = {"stripes", "striped", "stripe", "bands", "banded"}
 _SIDES = {"top": "top", "upper": "top", "bottom": "bottom", "lower": "bottom", "left": "left", "right": "right"}
+_CENTER_WORDS = {"center", "centre", "centered", "centred", "middle"}
 # colours people name that the models do not know: with one of these the words settle nothing
 _OTHER_COLORS = {"gray", "grey", "gold", "golden", "navy", "violet", "magenta", "cyan", "brown", "beige", "silver",
                  "maroon", "lime", "crimson", "turquoise", "indigo", "cream", "olive", "aqua", "lavender"}
@@ -51,13 +52,17 @@ def read(text: str) -> dict[str, str]:
 
 
 def _layout(words: list[str]) -> dict[str, str]:
-    """Size and position words, where present (medium and center are what a caption that names none means)."""
-    out = {"size": next((_SIZE_WORDS[w] for w in words if w in _SIZE_WORDS), "medium")}
+    """Size and position where their words are present. Without them the learned parser decides: a size word
+    the rules lack ("massive") would otherwise be read as the default, medium."""
+    out = {}
+    size = next((_SIZE_WORDS[w] for w in words if w in _SIZE_WORDS), None)
+    if size:
+        out["size"] = size
     sides = [_SIDES[w] for w in words if w in _SIDES]
     vertical = next((s for s in sides if s in ("top", "bottom")), None)
     horizontal = next((s for s in sides if s in ("left", "right")), None)
     if vertical and horizontal:
         out["position"] = f"{vertical} {horizontal}"
-    elif not sides:
+    elif _CENTER_WORDS & set(words) and not sides:
         out["position"] = "center"
     return out
