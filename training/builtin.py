@@ -72,9 +72,11 @@ class TierRecipe:
 # parser and word rules read prompts at sampling time), sees x/y coordinate channels, weighs the shape's pixels up,
 # and trains for up to 3 hours (resumable) instead of 20 minutes.
 MODELS: dict[str, TierRecipe] = {
-    "small": TierRecipe(channels=[32, 64, 64], layers=1, attention=False, train_steps=7000, steps=8, guidance=3.0,
-                        lr=2e-3, min_snr=5.0, ema_decay=0.999, cond="labels", coords=True, fg_weight=2.0,
-                        notes="the fast model (fast, standard and typography tiers): 1.1M-parameter UNet"),
+    "small": TierRecipe(channels=[48, 96, 96], layers=1, attention=False, patch=2, train_steps=7000, steps=8,
+                        guidance=3.0, lr=2e-3, min_snr=5.0, ema_decay=0.999, cond="labels", coords=True,
+                        fg_weight=2.0,
+                        notes="the fast model (fast, standard and typography tiers): 2.4M-parameter UNet on 2x2 "
+                              "pixel patches, cheaper per step than the 1.1M full-resolution UNet it replaces"),
     "medium": TierRecipe(channels=[64, 128, 128], layers=1, attention=False, patch=2, train_steps=7000, steps=30,
                          guidance=3.0, lr=2e-3, min_snr=5.0, ema_decay=0.999, cond="labels", coords=True,
                          fg_weight=2.0,
