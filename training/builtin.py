@@ -396,7 +396,7 @@ def train(recipe: TierRecipe, pool: dict, device: str = "cpu", log_every: int = 
     if run.step < recipe.train_steps:  # stopped by max_hours: the model card states the steps actually run
         run.log({"step": run.step, "stopped": f"max_hours {max_hours}"})
         recipe.train_steps = run.step
-    return run.ema.eval(), with_parser(recipe, export_conditioning(run, cond_tensors)), run.seconds, \
+    return run.ema.eval(), export_conditioning(run, cond_tensors), run.seconds, \
         run.step * recipe.batch / max(run.seconds, 1e-9), run.sched
 
 
@@ -572,7 +572,7 @@ def main(argv: list[str] | None = None) -> int:
         probe = make_probe(name, args.probe_n, run_dir / "probe", args.device) if args.probe_every else None
         ema, cond, seconds, ips, sched = train(recipe, pool, args.device, run_dir=run_dir, probe=probe,
                                                probe_every=args.probe_every, max_hours=args.max_hours)
-        out = save(name, recipe, ema, cond, sched, seconds, ips, args.out / name,
+        out = save(name, recipe, ema, with_parser(recipe, cond), sched, seconds, ips, args.out / name,
                    {"threads": args.threads, "pool": args.pool})
         model = BuiltinModel(out, device=args.device)
         metrics = {ph: evaluate(model, n=args.eval, phrasing=ph, latency=ph == "training")
