@@ -274,12 +274,13 @@ class Run:
         warm, total = 200, recipe.train_steps
         cosine = lambda s: 0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * min(s, total) / total))  # noqa: E731
         self.lr_sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: min(1.0, (s + 1) / warm) * cosine(s))
-        self.step, self.seconds = 0, 0.0
+        self.step, self.seconds, self.wall = 0, 0.0, 0.0  # seconds: in training steps; wall: probes included
         if dir is not None and (dir / "ckpt.pt").exists():
             self.load()
 
     def state(self) -> dict:
-        return {"step": self.step, "seconds": self.seconds, "recipe": asdict(self.recipe), "net": self.net.state_dict(),
+        return {"step": self.step, "seconds": self.seconds, "wall": self.wall, "recipe": asdict(self.recipe),
+                "net": self.net.state_dict(),
                 "ema": self.ema.state_dict(), "opt": self.opt.state_dict(), "lr_sched": self.lr_sched.state_dict(),
                 "g": self.g.get_state()}
 
@@ -305,8 +306,9 @@ class Run:
         self.opt.load_state_dict(st["opt"])
         self.lr_sched.load_state_dict(st["lr_sched"])
         self.g.set_state(st["g"])
-        self.step, self.seconds = st["step"], st["seconds"]
-        print(f"resumed {self.dir} at step {self.step} ({self.seconds / 60:.1f} min trained)", flush=True)
+        # checkpoints from before `wall` was kept: their probes' time was not counted (a few minutes)
+        self.step, self.seconds, self.wall = st["step"], st["seconds"], st.get("wall", st["seconds"])
+        print(f"resumed {self.dir} at step {self.step} ({self.wall / 60:.1f} min of wall time)", flush=True)
 
     def log(self, row: dict) -> None:
         print(json.dumps(row), flush=True)
@@ -351,10 +353,11 @@ def _loss(run: Run, x0, c, mask):
 
 def train(recipe: TierRecipe, pool: dict, device: str = "cpu", log_every: int = 250, run_dir: Path | None = None,
           probe=None, probe_every: int = 0, ckpt_every_s: float = 180.0, max_hours: float = float("inf")):
-    """Returns (EMA UNet, conditioning tensors, seconds, images/s, scheduler).
+    """Returns (EMA UNet, conditioning tensors, wall seconds, images/s while stepping, scheduler).
 
     run_dir: checkpoints and log.jsonl there, resuming from its checkpoint; probe(run) -> dict every probe_every
-    steps (a held-out adherence probe, logged); max_hours: stop there (training wall time, resumes included)."""
+    steps (a held-out adherence probe, logged); max_hours: stop there (wall time of the run, probes and resumes
+    included, the time between a stop and its resume not)."""
     import torch
 
     cond_tensors, cond_in = make_conditioning(recipe, pool)
@@ -363,8 +366,9 @@ def train(recipe: TierRecipe, pool: dict, device: str = "cpu", log_every: int = 
     images = torch.from_numpy(pool["images"]).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
     masks = torch.from_numpy(pool["masks"])[:, None].float()
     ema_params, net_params = list(run.ema.parameters()), list(run.net.parameters())
-    t0, start, last_ckpt, losses = time.perf_counter(), run.step, time.perf_counter(), []
-    while run.step < recipe.train_steps and run.seconds + time.perf_counter() - t0 < max_hours * 3600:
+    last_ckpt, wall0, losses, interval = time.perf_counter(), time.perf_counter() - run.wall, [], 0.0
+    while run.step < recipe.train_steps and time.perf_counter() - wall0 < max_hours * 3600:
+        t = time.perf_counter()
         idx = torch.randint(0, len(images), (recipe.batch,), generator=run.g)
         loss = _loss(run, images[idx].to(device), cond_all[idx].to(device), masks[idx].to(device))
         run.opt.zero_grad(set_to_none=True)
@@ -378,25 +382,24 @@ def train(recipe: TierRecipe, pool: dict, device: str = "cpu", log_every: int = 
         run.step += 1
         losses.append(loss.item())
         now = time.perf_counter()
+        run.seconds, interval = run.seconds + now - t, interval + now - t  # training steps only
         if log_every and (run.step % log_every == 0 or run.step == recipe.train_steps):
-            el = run.seconds + now - t0
-            run.log({"step": run.step, "loss": round(float(np.mean(losses)), 5), "minutes": round(el / 60, 2),
-                     "img_s": round((run.step - start) * recipe.batch / (now - t0), 1)})
-            losses = []
+            run.log({"step": run.step, "loss": round(float(np.mean(losses)), 5),
+                     "train_min": round(run.seconds / 60, 2), "wall_min": round((now - wall0) / 60, 2),
+                     "img_s": round(len(losses) * recipe.batch / interval, 1), "time": time.strftime("%H:%M:%S")})
+            losses, interval = [], 0.0
         if probe is not None and probe_every and run.step % probe_every == 0:
-            run.seconds += time.perf_counter() - t0  # the probe's time is not training time
-            run.log({"step": run.step, "probe": probe(run, cond_tensors)})
-            t0, start = time.perf_counter(), run.step
+            run.log({"step": run.step, "probe": probe(run, cond_tensors), "time": time.strftime("%H:%M:%S")})
+        run.wall = time.perf_counter() - wall0
         if run_dir is not None and (now - last_ckpt > ckpt_every_s or run.step == recipe.train_steps
-                                    or run.seconds + now - t0 >= max_hours * 3600):
-            run.seconds += time.perf_counter() - t0
-            t0, start, last_ckpt = time.perf_counter(), run.step, time.perf_counter()
+                                    or run.wall >= max_hours * 3600):
             run.save()
-    run.seconds += time.perf_counter() - t0
+            last_ckpt = time.perf_counter()
+    run.wall = time.perf_counter() - wall0
     if run.step < recipe.train_steps:  # stopped by max_hours: the model card states the steps actually run
         run.log({"step": run.step, "stopped": f"max_hours {max_hours}"})
         recipe.train_steps = run.step
-    return run.ema.eval(), export_conditioning(run, cond_tensors), run.seconds, \
+    return run.ema.eval(), export_conditioning(run, cond_tensors), run.wall, \
         run.step * recipe.batch / max(run.seconds, 1e-9), run.sched
 
 
