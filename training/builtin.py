@@ -44,7 +44,7 @@ class TierRecipe:
     channels: list[int]
     layers: int
     attention: bool
-    train_steps: int
+    train_steps: int  # where training stops
     steps: int  # default sampling steps
     guidance: float
     size: int = 32
@@ -52,6 +52,7 @@ class TierRecipe:
     lr: float = 1e-3
     cond_dims: int = 128
     ema_decay: float = 0.995
+    schedule_steps: int = 0  # length of the cosine learning-rate schedule (0: train_steps; more: stopped early)
     patch: int = 1  # 2: the UNet works on 2x2 pixel patches (space-to-depth), 4x cheaper per image
     min_snr: float = 0.0  # >0: min-SNR-gamma loss weighting (faster convergence)
     # labels: the UNet learns from the scenes' attribute labels (one-hot per group) through a learned MLP, and a
@@ -271,7 +272,7 @@ class Run:
         self.sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
                                    prediction_type="v_prediction")
         self.opt = torch.optim.AdamW(self.net.parameters(), lr=recipe.lr, weight_decay=0.01)
-        warm, total = 200, recipe.train_steps
+        warm, total = 200, recipe.schedule_steps or recipe.train_steps
         cosine = lambda s: 0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * min(s, total) / total))  # noqa: E731
         self.lr_sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: min(1.0, (s + 1) / warm) * cosine(s))
         self.step, self.seconds, self.wall = 0, 0.0, 0.0  # seconds: in training steps; wall: probes included
@@ -296,8 +297,11 @@ class Run:
         import torch
 
         st = torch.load(self.dir / "ckpt.pt", map_location=self.device, weights_only=False)
-        want = {k: v for k, v in asdict(self.recipe).items() if k not in ("train_steps", "notes")}
-        have = {k: v for k, v in st["recipe"].items() if k not in ("train_steps", "notes")}
+        free = ("train_steps", "schedule_steps", "notes")  # a run may stop earlier or go on, on the same schedule
+        want = {k: v for k, v in asdict(self.recipe).items() if k not in free}
+        have = {k: v for k, v in st["recipe"].items() if k not in free}
+        want["schedule"] = self.recipe.schedule_steps or self.recipe.train_steps
+        have["schedule"] = st["recipe"].get("schedule_steps") or st["recipe"]["train_steps"]
         if want != have:
             raise SystemExit(f"{self.dir / 'ckpt.pt'} was trained with another recipe: {have}; asked for {want}. "
                              "Move it away to start over.")
@@ -398,7 +402,7 @@ def train(recipe: TierRecipe, pool: dict, device: str = "cpu", log_every: int = 
     run.wall = time.perf_counter() - wall0
     if run.step < recipe.train_steps:  # stopped by max_hours: the model card states the steps actually run
         run.log({"step": run.step, "stopped": f"max_hours {max_hours}"})
-        recipe.train_steps = run.step
+        recipe.schedule_steps, recipe.train_steps = recipe.schedule_steps or recipe.train_steps, run.step
     return run.ema.eval(), export_conditioning(run, cond_tensors), run.wall, \
         run.step * recipe.batch / max(run.seconds, 1e-9), run.sched
 
