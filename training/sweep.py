@@ -70,7 +70,7 @@ def main() -> int:
             continue
         recipe = B.TierRecipe(**{**asdict(B.MODELS[v["tier"]]), **v.get("overrides", {})})
         ema, cond, secs, ips, sched = B.train(recipe, pool, args.device, log_every=0)
-        out = B.save(v["name"], recipe, ema, cond, sched, secs, ips, args.out / v["name"])
+        out = B.save(v["name"], recipe, ema, B.with_parser(recipe, cond), sched, secs, ips, args.out / v["name"])
         model = B.BuiltinModel(out, device=args.device, encoder=encoder)
         for g in v.get("guidances", [recipe.guidance]):
             for steps in v.get("steps", [recipe.steps]):

@@ -1,17 +1,28 @@
 """The shipped built-in models: they load from the repo, stay small, and follow prompts on held-out captions."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
-from engines import shapes
+from engines import phrasings_heldout, shapes
 from engines.builtin import MODELS_DIR, BuiltinModel, TextEncoder, model_names
 from engines.generators import BuiltinEngine, ModelSpec, NonFiniteLatents
 
-# Thresholds sit well under the figures measured on 300 held-out scenes (metrics.json beside each model,
-# benchmarks/RESULTS.md): a 40-scene sample is noisy, and a model that forgot the prompt scores ~10-20%.
-MIN_ADHERENCE = {"small": {"bg": 0.85, "color": 0.75}, "medium": {"bg": 0.85, "color": 0.75}}
+SERVE_CONFIG = Path(__file__).resolve().parents[2] / "serve_config.yaml"
+TIERS = {t: s for t, s in yaml.safe_load(SERVE_CONFIG.read_text())["applications"][0]["args"]["tiers"].items()
+         if s["kind"] == "builtin"}
+# Floors sit under the figures measured on 200 held-out scenes per phrasing set (metrics.json beside each model,
+# benchmarks/RESULTS.md) by a margin for a 40-scene sample (one standard error there is up to 8 points); a model
+# that draws blobs scores 20-40% shape identity, one that forgot the prompt 10-20% colour.
+MIN_ADHERENCE = {
+    "fast": {"bg": 0.9, "color": 0.85, "shape": 0.8},
+    "standard": {"bg": 0.9, "color": 0.85, "shape": 0.8},
+    "premium": {"bg": 0.9, "color": 0.9, "shape": 0.85, "position": 0.85},
+    "typography": {"bg": 0.9, "color": 0.8, "shape": 0.7},
+}
 
 
 @pytest.fixture(scope="module")
@@ -32,25 +43,30 @@ def test_shipped_models_are_fp16_diffusers_folders_under_10_mb():
         total = sum(p.stat().st_size for p in d.rglob("*") if p.is_file())
         assert weights.exists() and total <= 10 * 2**20, (name, total)
         meta = json.loads((d / "prism.json").read_text())
-        assert meta["train_seconds"] <= 20 * 60 * 2.2  # 20 min budget; two models were trained side by side
-        assert (d / "MODEL_CARD.md").exists() and json.loads((d / "metrics.json").read_text())["n"] >= 200
+        assert meta["train_seconds"] <= 3 * 3600  # the issue's limit: up to 3 hours per model on this machine
+        metrics = json.loads((d / "metrics.json").read_text())
+        assert (d / "MODEL_CARD.md").exists() and {m["n"] for m in metrics.values()} == {200}
+        assert set(metrics) == {"training", "held-out"}
         from safetensors import safe_open
 
         with safe_open(str(weights), "pt") as f:
             assert {str(f.get_tensor(k).dtype) for k in f.keys()} == {"torch.float16"}
 
 
-@pytest.mark.parametrize("name", ["small", "medium"])
-def test_shipped_model_follows_held_out_prompts(models, name):
-    m = models[name]
+@pytest.mark.parametrize("phrasing", ["training", "held-out"])
+@pytest.mark.parametrize("tier", sorted(TIERS))
+def test_each_tier_draws_the_asked_shape_colour_and_background_on_held_out_captions(models, tier, phrasing):
+    spec = TIERS[tier]
+    m = models[spec["config"]]
     scenes = shapes.sample_eval_scenes(40, seed=99)
     rng = np.random.default_rng(99)
-    prompts = [shapes.caption(s, rng) for s in scenes]
-    imgs = m.generate(prompts, list(range(40)), m.meta["steps"], m.meta["guidance"])
+    phrase = shapes.caption if phrasing == "training" else phrasings_heldout.caption
+    imgs = m.generate([phrase(s, rng) for s in scenes], list(range(40)), spec["steps"], spec["guidance"],
+                      spec.get("sampler"))
     pixels = (imgs * 255 + 0.5).astype(np.uint8)
     scores = shapes.score([shapes.check(im, s) for im, s in zip(pixels, scenes, strict=True)])
-    for key, floor in MIN_ADHERENCE[name].items():
-        assert scores[key] >= floor, (name, scores)
+    for key, floor in MIN_ADHERENCE[tier].items():
+        assert scores[key] >= floor, (tier, phrasing, scores)
 
 
 def test_generation_is_deterministic_per_seed(models):

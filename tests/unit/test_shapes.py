@@ -90,3 +90,65 @@ def test_attributes_index_the_parser_groups():
     s = Scene("gradient", ("teal", "purple"), direction="vertical")
     a = shapes.attributes(s)
     assert shapes.ATTRIBUTES["shape"][a["shape"]] == "none" and shapes.ATTRIBUTES["bg2"][a["bg2"]] == "purple"
+
+
+def test_held_out_phrasings_never_occur_in_training_captions():
+    from engines import phrasings_heldout
+
+    rng = np.random.default_rng(5)
+    scenes = [shapes.sample_scene(rng, p_background_only=0.0) for _ in range(400)]
+    training = {f(s, rng) for s in scenes for f in (shapes.caption, shapes.varied_caption) for _ in range(20)}
+    held = {phrasings_heldout.caption(s, rng) for s in scenes for _ in range(5)}
+    assert len(held) > 1000 and not training & held, sorted(training & held)[:5]
+    # and no training caption uses the words kept for the held-out set
+    words = {w for c in training for w in c.replace(",", " ").split()}
+    assert not words & {"big", "tiny", "upper", "lower", "canvas", "field", "sits", "centered", "middle"}
+
+
+def test_held_out_phrasings_name_the_scene_in_other_words():
+    from engines import phrasings_heldout
+
+    rng = np.random.default_rng(8)
+    s = Scene("solid", ("white",), shape="star", color="pink", size="large", position="top right")
+    texts = {phrasings_heldout.caption(s, rng) for _ in range(60)}
+    assert len(texts) >= 10 and all("pink" in t and "star" in t and "white" in t for t in texts), texts
+
+
+CAPTION_READS = [
+    pytest.param("teal backdrop with a small orange ring",
+                 {"shape": "ring", "color": "orange", "bg1": "teal", "size": "small"}, id="backdrop_first"),
+    pytest.param("a large pink star centered on white",
+                 {"shape": "star", "color": "pink", "bg1": "white", "size": "large", "position": "center"},
+                 id="centered_on"),
+    pytest.param("orange circle, black background", {"shape": "circle", "color": "orange", "bg1": "black"},
+                 id="comma_list"),
+    pytest.param("a small star in red on a blue background", {"shape": "star", "color": "red", "bg1": "blue"},
+                 id="colour_after_shape"),
+    pytest.param("blue and white striped background with a red square in the upper left",
+                 {"background": "stripes", "bg1": "blue", "bg2": "white", "color": "red", "position": "top left"},
+                 id="stripes_and_corner"),
+    pytest.param("a teal to purple gradient background",
+                 {"background": "gradient", "bg1": "teal", "bg2": "purple", "shape": "none"}, id="background_only"),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), CAPTION_READS)
+def test_caption_rules_read_word_orders_the_templates_lack(text, expected):
+    from engines import caption_rules
+
+    assert expected.items() <= caption_rules.read(text).items()
+
+
+@pytest.mark.parametrize("text", ["a golden retriever on a beach", "a red star and a blue circle on white",
+                                  "a grey star on a red background"])
+def test_caption_rules_leave_what_the_words_do_not_settle_to_the_learned_parser(text):
+    from engines import caption_rules
+
+    assert caption_rules.read(text) == {}
+
+
+def test_caption_rules_leave_size_and_position_they_have_no_word_for_to_the_learned_parser():
+    from engines import caption_rules
+
+    read = caption_rules.read("a massive red star near the top on blue")
+    assert read["shape"] == "star" and "size" not in read and "position" not in read
