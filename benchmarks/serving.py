@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/serving.py routed     # Prism's routing vs everything on the premium tier
     .venv/bin/python benchmarks/serving.py batching   # built-in tier at concurrency 16: backlog batches vs batch 1
     .venv/bin/python benchmarks/serving.py records    # render records on vs off (two copies of the graph)
+    .venv/bin/python benchmarks/serving.py served     # make serve's fast route end to end, one request at a time
     .venv/bin/python -m benchmarks.burst --profile sim|cpu   # admission under bursts (benchmarks/burst.py)
 
 Results are recorded in benchmarks/RESULTS.md. Medians and p95 over all requests of a run.
@@ -239,5 +240,23 @@ def records() -> None:
               f"record write p50 {statistics.median(rec_ms):.1f} ms ({len(lat['on'])}+{len(lat['off'])} requests)")
 
 
+def served() -> None:
+    """What a newcomer sees: serve_config.yaml (the embedded default), "a red star on a blue background" at 512x512
+    on the fast route, one request at a time (issue 20: served latency before and after new built-in models)."""
+    import tempfile
+
+    cfg = load_serve_config(ROOT / "serve_config.yaml")
+    cfg["http_options"]["port"] = PORT
+    cfg["applications"][0]["args"].setdefault("records", {})["dir"] = tempfile.mkdtemp(prefix="prism-served-")
+    start(cfg)
+    body = {"prompt": "a red star on a blue background", "size": "512x512"}
+    asyncio.run(drive("/v1/images/generations", [{**body, "seed": i} for i in range(5)], 1))
+    lat, out, bad = asyncio.run(drive("/v1/images/generations", [{**body, "seed": 100 + i} for i in range(30)], 1))
+    routes = sorted({o["prism"]["route"] for o in out})
+    print(f"served fast route end to end (512x512, n={len(lat)}): p50 {statistics.median(lat):.0f} ms, "
+          f"p95 {pct(lat, 95):.0f} ms, routes {routes}, non-200 {bad}")
+
+
 if __name__ == "__main__":
-    {"overhead": overhead, "routed": routed, "batching": batching, "records": records}[sys.argv[1]]()
+    {"overhead": overhead, "routed": routed, "batching": batching, "records": records,
+     "served": served}[sys.argv[1]]()
