@@ -20,7 +20,7 @@ from deployments.ops_api import OpsRoutes, app
 from deployments.records_api import RecordRoutes
 from deployments.reports import ReportPoller
 from engines.intent import IntentStage
-from graph.admission import Admission, Ticket, tier_slots
+from graph.admission import Admission, DoorPass, Ticket, tier_slots
 from graph.canary import Canaries
 from graph.chain import ChainWalk, chain_failed, result_cost
 from graph.claims import Claims
@@ -132,8 +132,8 @@ class Ingress(OpsRoutes, RecordRoutes):
             # 0. The door: bad input (4xx) and, when no tier this request could use has room for its user tier, a
             #    refusal with Retry-After now: no classifier, no store read, no awaited write.
             self._check_request(trace.req)
-            self.admission.door_check(reachable_tiers(self.policy, set(self.generators), trace.req.model,
-                                                      trace.req.user_tier), trace.req.user_tier)
+            door = self.admission.door_check(reachable_tiers(self.policy, set(self.generators), trace.req.model,
+                                                             trace.req.user_tier), trace.req.user_tier)
         except PrismError as e:
             trace.error = e
             self.outcomes.finish(trace, None)
@@ -144,7 +144,7 @@ class Ingress(OpsRoutes, RecordRoutes):
             if stored is not None:
                 return JSONResponse(stored)
             try:
-                body = await self._render(trace)
+                body = await self._render(trace, door)
             except PrismError as e:
                 trace.error = e
                 self.outcomes.finish(trace, claim)
@@ -155,10 +155,11 @@ class Ingress(OpsRoutes, RecordRoutes):
                 body.prism.timings_ms["record"] = trace.timings["record"]
         finally:
             self.inflight -= 1
+            door.close()
         body.prism.recorded = trace.recorded
         return JSONResponse(answer_body(body, trace))
 
-    async def _render(self, trace: Trace) -> GenerationResponse:
+    async def _render(self, trace: Trace, door: DoorPass) -> GenerationResponse:
         req, timings = trace.req, trace.timings
         # 1. Intent, in this process: MiniLM once, its embedding kept for the built-in models.
         trace.intent, embedding = await self._classify(trace)
@@ -167,8 +168,11 @@ class Ingress(OpsRoutes, RecordRoutes):
         deadline = trace.t0 + decision.max_latency_ms / 1000
         # 3. Admit: a slot on a tier of the route's chain, or 503/429 + Retry-After now (paid tiers may wait).
         t = time.perf_counter()
-        ticket = await self.admission.admit([decision.tier, *decision.fallbacks], req.user_tier,
-                                            deadline - time.perf_counter())
+        try:
+            ticket = await self.admission.admit([decision.tier, *decision.fallbacks], req.user_tier,
+                                                deadline - time.perf_counter())
+        finally:
+            door.close()  # decided: the slot it spoke for at the door is taken or free again
         timings["admit"] = _ms(t)
         # 4. Render and finish on the tier's replica (post, typography, PNG there), walking the fallback chain.
         trace.seed = req.seed if req.seed is not None else random.randrange(2**31)

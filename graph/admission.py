@@ -125,6 +125,19 @@ class ReplicaReport:
     by_caller: dict[str, int] = field(default_factory=dict)  # ingress replica id -> renders held for it
 
 
+class DoorPass:
+    """A request past the door and not yet admitted or refused: it holds a claim on the free slots the door counts."""
+
+    def __init__(self, admission: Admission):
+        self._admission: Admission | None = admission
+
+    def close(self) -> None:
+        """Idempotent: admission decided, or the request ended before it got there."""
+        if self._admission is not None:
+            self._admission.pending -= 1
+            self._admission = None
+
+
 @dataclass
 class Ticket:
     """A slot held on a tier by one request, from admission until its render is answered."""
@@ -173,6 +186,7 @@ class Admission:
         self.policy = policy or AdmissionPolicy()
         self.status, self.me = status, me  # me: this ingress replica's id, as the generators' reports name it
         self.tiers = {t: TierState(slots=n) for t, n in slots.items()}
+        self.pending = 0  # requests past the door, not yet admitted or refused (DoorPass)
         self._waiting: dict[str, list] = {t: [] for t in slots}
         self._order = itertools.count()
 
@@ -223,12 +237,30 @@ class Admission:
                 return False
         return st.used() < class_limit(cap, share)
 
-    def door_check(self, tiers: set[str], user_tier: str) -> None:
-        """Before the request costs anything (no classifier, no store): refuse when no tier it could be routed to
-        has room and its user tier may not wait."""
-        if self.policy.of(user_tier).max_wait_ms > 0 or any(self.has_room(t, user_tier) for t in tiers):
-            return
-        raise self._refusal(sorted(tiers), user_tier, "every tier this request could use is full")
+    def free_slots(self, tiers: set[str], user_tier: str, now: float | None = None) -> int:
+        """Slots this user tier may still take on any of these tiers (and under max_total)."""
+        now = time.monotonic() if now is None else now
+        share = self.policy.of(user_tier).share
+        free = 0
+        for t in tiers:
+            st = self.tiers.get(t)
+            if st is not None:
+                free += max(0, class_limit(st.capacity(now, self.policy.report_stale_s), share) - st.used())
+        if self.policy.max_total is not None:
+            total = sum(s.used() for s in self.tiers.values())
+            free = min(free, max(0, class_limit(self.policy.max_total, share) - total))
+        return free
+
+    def door_check(self, tiers: set[str], user_tier: str) -> DoorPass:
+        """Before the request costs anything (no classifier, no store): refuse when the free slots of every tier it
+        could be routed to are already spoken for by requests past the door and not yet admitted, and its user tier
+        may not wait. Counting those keeps a flood that arrives at once out of the classifier: without it, all of it
+        passes the door before the first is admitted. The pass is closed when admission decides (or the request
+        ends)."""
+        if self.policy.of(user_tier).max_wait_ms <= 0 and self.free_slots(tiers, user_tier) <= self.pending:
+            raise self._refusal(sorted(tiers), user_tier, "every tier this request could use is full")
+        self.pending += 1
+        return DoorPass(self)
 
     async def admit(self, chain: list[str], user_tier: str, deadline_s: float | None = None) -> Ticket:
         """A slot on the first tier of the chain with room (and a service time within the deadline), or on the

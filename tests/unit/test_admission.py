@@ -205,3 +205,43 @@ def test_the_controllers_running_count_sets_capacity_and_absorbs_deaths_seen_her
     assert adm.snapshot()["a"]["capacity"] == 1
     adm.set_running({"a": 2})  # the replacement is running
     assert adm.snapshot()["a"]["capacity"] == 2
+
+
+def test_a_flood_arriving_at_once_passes_the_door_only_as_far_as_there_are_free_slots():
+    """Requests past the door but not yet admitted speak for free slots: 100 free requests at once with 2 free slots
+    send 2 on to the classifier and refuse 98 at the door (before, all 100 passed: none was admitted yet)."""
+    adm = _admission(slots=1)  # tiers a and b, one slot each
+    passed, refused = [], 0
+    for _ in range(100):
+        try:
+            passed.append(adm.door_check({"a", "b"}, "free"))
+        except CapacityError as e:
+            refused += 1
+            assert e.retry_after_s >= 1
+    assert len(passed) == 2 and refused == 98 and adm.pending == 2
+
+
+def test_a_closed_door_pass_frees_its_claim_once_and_admission_takes_the_slot():
+    async def run():
+        adm = _admission(slots=1)
+        door = adm.door_check({"a"}, "free")
+        with pytest.raises(CapacityError):
+            adm.door_check({"a"}, "free")  # the one slot is spoken for
+        ticket = await adm.admit(["a"], "free")
+        door.close()
+        door.close()  # idempotent: a second close (the request's end) changes nothing
+        assert adm.pending == 0
+        with pytest.raises(CapacityError):
+            adm.door_check({"a"}, "free")  # now held by the admitted render
+        adm.release(ticket)
+        adm.door_check({"a"}, "free")
+        assert adm.pending == 1
+    asyncio.run(run())
+
+
+def test_paid_tiers_pass_a_full_door_and_count_against_free_ones():
+    adm = _admission(slots=1, classes={"free": ClassPolicy(), "enterprise": ClassPolicy(max_wait_ms=100)})
+    for _ in range(3):
+        adm.door_check({"a"}, "enterprise")  # may wait for a slot: goes on to classification
+    with pytest.raises(CapacityError):
+        adm.door_check({"a", "b"}, "free")  # the two free slots are spoken for by the paid requests ahead
