@@ -65,6 +65,46 @@ def validation_message(errors: list[dict]) -> tuple[str, str | None, list[dict]]
     return "; ".join(msgs), details[0]["field"] if details else None, details
 
 
+class RequestIdAndLimits:
+    """Request id and body limit, as plain ASGI: Starlette's BaseHTTPMiddleware costs a task group and a streamed
+    copy of every response, which a flood of refusals pays per request (benchmarks/RESULTS.md, issue 16)."""
+
+    def __init__(self, app, outer: FastAPI):
+        self.app, self.outer = app, outer
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or ())
+        rid = headers.get(b"x-request-id", b"").decode("latin-1")
+        behind = self.outer.state.behind_serve_proxy
+        request_id = rid if (behind and rid) or _RID_OK.match(rid) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id  # what request.state.request_id reads
+        started = False
+
+        async def send_with_id(message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                if not behind:
+                    message = {**message, "headers": [*message.get("headers", []),
+                                                      (b"x-request-id", request_id.encode("latin-1"))]}
+            await send(message)
+
+        length = headers.get(b"content-length", b"").decode("latin-1")
+        limit = self.outer.state.max_body_bytes
+        if length.isdigit() and int(length) > limit:
+            response = error_response(PayloadTooLarge(
+                f"request body is {length} bytes; the limit is {limit} bytes", param="body"), request_id)
+            return await response(scope, receive, send_with_id)
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception as exc:  # a handler bug that escaped FastAPI's handlers: log it, never leak it
+            if started:
+                raise
+            await internal_error(exc, request_id)(scope, receive, send_with_id)
+
+
 def make_app(max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
     """The FastAPI app with middleware and error handlers; routes are added by the ingress."""
     app = FastAPI(title="Prism", version="0.1.0",
@@ -74,26 +114,7 @@ def make_app(max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
     # and echoes it on every response; the ingress then takes that id verbatim and adds no header of its own.
     app.state.behind_serve_proxy = False
 
-    @app.middleware("http")
-    async def request_id_and_limits(request: Request, call_next):
-        rid = request.headers.get("x-request-id", "")
-        if app.state.behind_serve_proxy and rid:
-            request.state.request_id = rid
-        else:
-            request.state.request_id = rid if _RID_OK.match(rid) else uuid.uuid4().hex
-        length = request.headers.get("content-length")
-        limit = app.state.max_body_bytes
-        if length and length.isdigit() and int(length) > limit:
-            response = error_response(PayloadTooLarge(
-                f"request body is {length} bytes; the limit is {limit} bytes", param="body"), request.state.request_id)
-        else:
-            try:
-                response = await call_next(request)
-            except Exception as exc:  # a handler bug that escaped FastAPI's handlers: log it, never leak it
-                response = internal_error(exc, request.state.request_id)
-        if not app.state.behind_serve_proxy:
-            response.headers["X-Request-ID"] = request.state.request_id
-        return response
+    app.add_middleware(RequestIdAndLimits, outer=app)
 
     @app.exception_handler(RequestValidationError)
     async def on_validation(request: Request, exc: RequestValidationError):
@@ -104,7 +125,10 @@ def make_app(max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
 
     @app.exception_handler(PrismError)
     async def on_prism(request: Request, exc: PrismError):
-        if exc.status_code >= 500:
+        from graph.errors import CapacityError
+
+        # A designed refusal is counted (prism_rejections_total), not logged: a flood would write a line per request.
+        if exc.status_code >= 500 and not isinstance(exc, CapacityError):
             log.warning("request %s failed: %s %s", request_id_of(request), exc.status_code, exc.message)
         return error_response(exc, request_id_of(request))
 
