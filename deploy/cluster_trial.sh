@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
 # The README's "Scale out on a Ray cluster" steps, literally, with both nodes on this machine (loopback): a head and
-# a worker with 2 logical GPUs, then `serve deploy` of a profile, a render through it, and `ray stop`.
+# a worker with 2 logical GPUs, then `serve deploy` of a profile, a render through it, and a stop of what it started.
 #   bash deploy/cluster_trial.sh [profile]        (default serve_config.yaml; prints what each step answered)
 # Same-machine only: the worker's metrics port differs from the head's (two raylets cannot share :8080).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PROFILE=${1:-serve_config.yaml}
 BIN=.venv/bin
-trap '$BIN/ray stop --force >/dev/null 2>&1 || true' EXIT
+# A private Ray temp dir, and cleanup of only the processes under it, by pid (tests/isolation.py): `ray stop --force`
+# would also take down a Ray the user runs beside this trial (their own `make serve`).
+export RAY_TMPDIR
+RAY_TMPDIR=$(mktemp -d /tmp/prc-XXXXXX)
+trap '$BIN/python -c "import sys; from tests.isolation import kill_pids, pids_using; kill_pids(pids_using(sys.argv[1]))" \
+  "$RAY_TMPDIR"; rm -rf "$RAY_TMPDIR"' EXIT
 # Ray 2.60 token auth: the same mode (and token, ~/.ray/auth_token) on every node and every client.
 export RAY_AUTH_MODE=token
 t0=$(date +%s)
