@@ -6,6 +6,7 @@ handed to the Serve controller), so the YAML's args, deployment options and rout
 
 import copy
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -37,6 +38,18 @@ REMOTE_KEY_ENV = "PRISM_TEST_REMOTE_KEY"
 # Each app records its renders under its own folder of this session's temp dir.
 RECORDS_DIR = tempfile.mkdtemp(prefix="prism-records-")
 GPU_TIERS = ("ok", "nan", "garbage", "blank")
+
+
+def missing_series(wanted: list[str], timeout_s: float = 90) -> list[str]:
+    """The patterns of `wanted` that Ray's metrics endpoint still lacks after polling it for up to `timeout_s` (Ray
+    exports every few seconds, so a series shows up a while after the render that counted it)."""
+    deadline, text = time.monotonic() + timeout_s, ""
+    while time.monotonic() < deadline:
+        text = httpx.get(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10).text
+        if all(re.search(w, text) for w in wanted):
+            break
+        time.sleep(2)
+    return [w for w in wanted if not re.search(w, text)]
 
 
 def _fake(fault: str, **kw) -> dict:

@@ -4,13 +4,10 @@ model the provider has shut down (no test reaches the internet)."""
 
 import json
 import os
-import re
-import time
 
-import httpx
 import pytest
 
-from tests.integration.conftest import METRICS_PORT, REMOTE_KEY_ENV
+from tests.integration.conftest import REMOTE_KEY_ENV, missing_series
 from tests.integration.hosted_standins import HOSTED
 
 GEN = "/faults/v1/images/generations"
@@ -102,11 +99,5 @@ def test_a_retired_model_shows_in_the_metrics(http):
     assert _render(http, "hosted_retired", "a banana for the metrics").status_code == 200
     wanted = [r'ray_prism_model_unavailable\{(?=[^}]*model="hosted-retired")(?=[^}]*reason="model_retired")',
               r'ray_prism_fallbacks_total\{(?=[^}]*reason="model_retired")(?=[^}]*tier="hosted_retired")']
-    deadline, text = time.monotonic() + 90, ""
-    while time.monotonic() < deadline:
-        text = httpx.get(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10).text
-        if all(re.search(w, text) for w in wanted):
-            break
-        time.sleep(2)
-    missing = [w for w in wanted if not re.search(w, text)]
+    missing = missing_series(wanted)
     assert not missing, f"series not exported: {missing}"

@@ -2,7 +2,6 @@
 automatic and manual rollback, Prometheus metrics from Ray's metrics agent, /v1/stats, cost sums, budgets."""
 
 import hashlib
-import re
 import time
 import uuid
 
@@ -10,7 +9,7 @@ import httpx
 import pytest
 
 from graph.config import deployment_block
-from tests.integration.conftest import METRICS_PORT
+from tests.integration.conftest import missing_series
 
 PROMPT = "a red star on a blue background"
 GEN = "/faults/v1/images/generations"
@@ -216,13 +215,7 @@ def test_metrics_are_scraped_from_the_ray_metrics_agent(http):
               r'ray_prism_fallbacks_total\{[^}]*reason="nan"', r"ray_prism_request_latency_ms_bucket\{",
               r'ray_prism_cost_usd_total\{[^}]*user_tier="free"',
               r'ray_prism_stage_latency_ms_bucket\{[^}]*stage="generate"']
-    deadline, text = time.monotonic() + 90, ""
-    while time.monotonic() < deadline:
-        text = httpx.get(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10).text
-        if all(re.search(w, text) for w in wanted):
-            break
-        time.sleep(2)
-    missing = [w for w in wanted if not re.search(w, text)]
+    missing = missing_series(wanted)
     assert not missing, f"series not exported: {missing}"
 
 
