@@ -21,13 +21,15 @@ from deployments.records_api import RecordRoutes
 from deployments.reports import ReportPoller
 from engines.intent import IntentStage
 from graph.admission import Admission, DoorPass, Ticket, tier_slots
+from graph.auth import Authenticator, AuthSpec, Links, apply_caller, auth_mode
 from graph.canary import Canaries
 from graph.chain import ChainWalk, chain_failed, result_cost
 from graph.claims import Claims
 from graph.cost import SpendLedger, StoreSpend
 from graph.decision import Situation, reachable_tiers, route_request
 from graph.errors import GenerationFailed, InvalidRequest, PrismError
-from graph.http import request_id_of
+from graph.http import caller_of, request_id_of
+from graph.keys import KeyStore, limited
 from graph.metrics import PrismMetrics
 from graph.outcomes import Outcomes, answer_body, prism_info
 from graph.prefilter import PrefilterConfig, check_request
@@ -66,7 +68,15 @@ class Ingress(OpsRoutes, RecordRoutes):
         self.policy_loaded_at, self.policy_rejected = None, None
         self.prefilter, self.inflight = PrefilterConfig(), 0
         self.intent = IntentStage(fault_marker_path=(settings.get("intent") or {}).get("fault_marker_path"))
-        self.store = open_store(RecordsSpec.model_validate(settings.get("records") or {}))
+        records = RecordsSpec.model_validate(settings.get("records") or {})
+        self.store = open_store(records)
+        # 0. Who may call: the profile's auth mode ($PRISM_AUTH overrides it); keys and the link secret live beside
+        #    the records (graph/keys.py), so every replica and the key CLI share them.
+        auth = AuthSpec.model_validate(settings.get("auth") or {})
+        self.auth_mode = auth_mode(auth)
+        self.keys = KeyStore(records.resolved_dir()) if self.auth_mode != "off" or self.store else None
+        self.links = Links(self.keys.url_secret() if self.keys else None, auth.url_ttl_s)
+        self.key_hold_s = 600.0  # how long a key's in-flight mark outlives a dead replica: the longest deadline
         self.writer = GroupCommitWriter(self.store) if self.store is not None else None
         self.ledger = SpendLedger()  # this replica's spend; budgets read `spend`: the store's, across replicas
         self.spend = StoreSpend(self.store) if self.store is not None else self.ledger
@@ -77,11 +87,12 @@ class Ingress(OpsRoutes, RecordRoutes):
         self.rate_limited_until: dict[str, float] = {}  # a hosted tier that answered 429: when it said to come back
         self.metrics = PrismMetrics(routes=set(), tiers=set(generators), models=set(self.model_of_tier.values()))
         self.outcomes = Outcomes(self.store, self.writer, self.metrics, self.ledger, self.spend, self.canaries,
-                                 self.claims, self.model_of_tier)
+                                 self.claims, self.model_of_tier, self.links)
         self.reports = ReportPoller(self.admission, list(generators))
         self.versions: dict[str, str] = {}  # tier -> model version, as its last render reported it
         app.state.max_body_bytes = settings.get("max_body_bytes", app.state.max_body_bytes)
         app.state.behind_serve_proxy = True
+        app.state.auth = Authenticator(self.auth_mode, self.keys.lookup if self.keys else None)
 
     def reconfigure(self, config: dict) -> None:
         """Apply a routing policy from user_config; an invalid one is rejected and the old one keeps serving."""
@@ -99,6 +110,7 @@ class Ingress(OpsRoutes, RecordRoutes):
         self.metrics.allowed["route"] = set(policy.routes) | {f"tier:{t}" for t in self.generators}
         self.canaries.apply(policy.routes)
         self.admission.policy = policy.admission
+        self.key_hold_s = max(r.max_latency_ms for r in policy.routes.values()) / 1000 + 30
         self.admission.set_slots({t: tier_slots(spec, policy.admission.max_slowdown)
                                   for t, spec in self.tier_specs.items()})
         log.info("routing policy version %s applied (%d rules)", policy.version, len(policy.rules))
@@ -106,7 +118,8 @@ class Ingress(OpsRoutes, RecordRoutes):
     @app.post("/v1/route", response_model=RouteResponse)
     async def route(self, req: GenerationRequest, request: Request) -> RouteResponse:
         """Classify and route without generating."""
-        trace = Trace(rid=request_id_of(request), req=req)
+        trace = Trace(rid=request_id_of(request), req=req, caller=caller_of(request))
+        trace.ignored = apply_caller(req, trace.caller)
         self._check_request(req)
         intent, _ = await self._classify(trace)
         decision = await self._decide(trace, intent)
@@ -120,8 +133,10 @@ class Ingress(OpsRoutes, RecordRoutes):
     @app.post("/v1/images/generations", response_model=GenerationResponse)
     async def generations(self, req: GenerationRequest, request: Request) -> JSONResponse:
         """OpenAI-compatible image generation through the whole graph."""
-        return await self._serve(Trace(rid=request_id_of(request), req=req,
-                                       base_url=str(request.base_url).rstrip("/")))
+        trace = Trace(rid=request_id_of(request), req=req, base_url=str(request.base_url).rstrip("/"),
+                      caller=caller_of(request))
+        trace.ignored = apply_caller(req, trace.caller)
+        return await self._serve(trace)
 
     # ---- the request's path ------------------------------------------------------------------------
 
@@ -135,6 +150,13 @@ class Ingress(OpsRoutes, RecordRoutes):
             door = self.admission.door_check(reachable_tiers(self.policy, set(self.generators), trace.req.model,
                                                              trace.req.user_tier), trace.req.user_tier)
         except PrismError as e:
+            trace.error = e
+            self.outcomes.finish(trace, None)
+            raise
+        try:  # the key's own limits (per minute, at once, budget): counted in the store across replicas
+            counted = await self._start_key(trace)
+        except PrismError as e:
+            door.close()
             trace.error = e
             self.outcomes.finish(trace, None)
             raise
@@ -156,8 +178,10 @@ class Ingress(OpsRoutes, RecordRoutes):
         finally:
             self.inflight -= 1
             door.close()
+            if counted:  # before the answer: the client's next render must find its place free
+                await asyncio.to_thread(self.keys.finish, trace.caller.key_id, trace.rid)
         body.prism.recorded = trace.recorded
-        return JSONResponse(answer_body(body, trace))
+        return JSONResponse(answer_body(body, trace, self.links))
 
     async def _render(self, trace: Trace, door: DoorPass) -> GenerationResponse:
         req, timings = trace.req, trace.timings
@@ -194,6 +218,16 @@ class Ingress(OpsRoutes, RecordRoutes):
                            {"tier": ticket.tier, "waited_ms": ticket.waited_ms})
         trace.prism = prism.model_dump()
         return GenerationResponse(created=int(trace.created), data=[], prism=prism)
+
+    async def _start_key(self, trace: Trace) -> bool:
+        """Count the render against its key's limits, or refuse it with 429 + Retry-After (graph/auth.py); True when
+        it was counted (its in-flight mark is removed once answered)."""
+        if not limited(trace.caller.key):
+            return False
+        refusal = await asyncio.to_thread(self.keys.start, trace.caller.key, trace.rid, self.key_hold_s)
+        if refusal is not None:
+            raise refusal.error()
+        return True
 
     def _check_request(self, req: GenerationRequest) -> None:
         check_request(req, (self.settings["max_width"], self.settings["max_height"]), self.store is not None,

@@ -7,13 +7,14 @@ import asyncio
 import time
 from pathlib import Path
 
-from fastapi import Query
+from fastapi import Query, Request
 from fastapi.responses import HTMLResponse, Response
 from ray import serve
 
+from graph.auth import require_admin
 from graph.cost import model_price
 from graph.errors import NotFound, NotSupported
-from graph.http import make_app
+from graph.http import caller_of, make_app
 from graph.records import summarize
 
 # The playground (web/): one page and its two assets, read once per replica (at import), not per request on the
@@ -43,12 +44,13 @@ class OpsRoutes:
     @app.get("/healthz")
     async def healthz(self) -> dict:
         """Liveness of the ingress and the policy it serves."""
-        return {"status": "ok", "policy_version": self.policy.version if self.policy else None,
+        return {"status": "ok", "auth": self.auth_mode, "policy_version": self.policy.version if self.policy else None,
                 "tiers": sorted(self.generators), "replica": serve.get_replica_context().replica_id.unique_id}
 
     @app.get("/v1/policy")
-    async def get_policy(self) -> dict:
-        """The routing policy in force, and the last rejected update if any."""
+    async def get_policy(self, request: Request) -> dict:
+        """The routing policy in force, and the last rejected update if any (admin keys)."""
+        require_admin(caller_of(request), "/v1/policy")
         return {"policy": self.policy.model_dump() if self.policy else None, "loaded_at": self.policy_loaded_at,
                 "rejected": self.policy_rejected}
 
@@ -73,8 +75,10 @@ class OpsRoutes:
                 for tier, info in zip(self.generators, infos, strict=True)}
 
     @app.get("/v1/canary")
-    async def canary(self) -> dict:
-        """Every canary split: configured and effective weight, the window's outcomes, and rollback events."""
+    async def canary(self, request: Request) -> dict:
+        """Every canary split: configured and effective weight, the window's outcomes, and rollback events (admin
+        keys)."""
+        require_admin(caller_of(request), "/v1/canary")
         routes = {name: {"tier": m.canary.tier, "weight": m.canary.weight, "effective_weight": m.weight,
                          "sticky": m.canary.sticky, "rollback": m.canary.rollback.model_dump() if m.canary.rollback
                          else None, "window": m.window(), "rolled_back": m.rolled_back}
@@ -82,15 +86,21 @@ class OpsRoutes:
         return {"routes": routes, "events": self.canaries.events}
 
     @app.get("/v1/stats")
-    async def stats(self, minutes: float = Query(15, gt=0, le=43_200, description="Window in minutes.")) -> dict:
-        """Per intent, route and model over the last N minutes: count, p50/p95, failure rate, fallbacks, cost."""
-        store = self._store()
+    async def stats(self, request: Request,
+                    minutes: float = Query(15, gt=0, le=43_200, description="Window in minutes.")) -> dict:
+        """Per intent, route and model over the last N minutes: count, p50/p95, failure rate, fallbacks, cost. An
+        admin key sees every tenant; any other caller its own tenant's renders."""
+        caller, store = caller_of(request), self._store()
+        tenant = None if caller.admin else caller.tenant
         since = time.time() - minutes * 60
-        rows = await asyncio.to_thread(store.rows_since, since)
-        return {"window_minutes": minutes, "since": since, "total": (summarize(rows, group_by=()) or [{}])[0],
-                **{f"by_{key}": summarize(rows, group_by=(key,)) for key in ("intent", "route", "model")},
-                "cost_by_user_tier": await asyncio.to_thread(store.cost_by_user_tier, since),
-                "spend_by_user_tier": self.ledger.totals()}
+        rows = await asyncio.to_thread(store.rows_since, since, tenant)
+        out = {"window_minutes": minutes, "since": since, "tenant": tenant,
+               "total": (summarize(rows, group_by=()) or [{}])[0],
+               **{f"by_{key}": summarize(rows, group_by=(key,)) for key in ("intent", "route", "model")},
+               "cost_by_user_tier": await asyncio.to_thread(store.cost_by_user_tier, since, tenant)}
+        if caller.admin:  # this replica's charges across tenants
+            out["spend_by_user_tier"] = self.ledger.totals()
+        return out
 
     def _store(self):
         if self.store is None:

@@ -113,3 +113,33 @@ class BudgetExceeded(PrismError):
 
     def __init__(self, message: str, *, retry_after_s: float = 60, **kw):
         super().__init__(message, retry_after_s=retry_after_s, **kw)
+
+
+class Unauthorized(PrismError):
+    """No API key where one is required, or a key that is unknown, disabled or rotated (401 + WWW-Authenticate)."""
+
+    status_code = 401
+    code = "invalid_api_key"
+    error_type = "authentication_error"
+
+    def __init__(self, message: str, **kw):
+        super().__init__(message, headers={"WWW-Authenticate": 'Bearer realm="prism"'}, **kw)
+
+
+class Forbidden(PrismError):
+    """A valid key that may not do this (an operator route without an admin key, an expired or tampered link)."""
+
+    status_code = 403
+    code = "permission_denied"
+    error_type = "permission_error"
+
+
+class RateLimited(PrismError):
+    """A key's own limit (renders per minute, renders at once) is reached: 429 + Retry-After, before any model work."""
+
+    status_code = 429
+    code = "rate_limit_exceeded"
+    error_type = "rate_limit_error"
+
+    def __init__(self, message: str, *, retry_after_s: float = 1, **kw):
+        super().__init__(message, retry_after_s=retry_after_s, **kw)

@@ -15,6 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from graph.auth import OPEN_CALLER, Caller
 from graph.errors import PayloadTooLarge, PrismError
 
 log = logging.getLogger("prism.http")
@@ -105,6 +106,36 @@ class RequestIdAndLimits:
             await internal_error(exc, request_id)(scope, receive, send_with_id)
 
 
+class Authenticate:
+    """The request's caller from its `Authorization: Bearer` key (graph/auth.py), before the body is read: a call
+    without a valid key where one is required is a 401 however malformed its body. Handlers read
+    `request.state.caller`. Until the ingress sets `outer.state.auth`, every caller is trusted (auth off)."""
+
+    def __init__(self, app, outer: FastAPI):
+        self.app, self.outer = app, outer
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        auth = self.outer.state.auth
+        state = scope.setdefault("state", {})
+        if auth is None:
+            state["caller"] = OPEN_CALLER
+            return await self.app(scope, receive, send)
+        root, path = scope.get("root_path") or "", scope.get("path") or "/"
+        relative = path[len(root):] or "/" if root and path.startswith(root) else path
+        header = dict(scope.get("headers") or ()).get(b"authorization")
+        try:
+            state["caller"] = auth.caller(header.decode("latin-1") if header else None, relative)
+        except PrismError as err:
+            return await error_response(err, state.get("request_id", "unknown"))(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+def caller_of(request: Request) -> Caller:
+    return getattr(request.state, "caller", OPEN_CALLER)
+
+
 def make_app(max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
     """The FastAPI app with middleware and error handlers; routes are added by the ingress."""
     app = FastAPI(title="Prism", version="0.1.0",
@@ -114,6 +145,9 @@ def make_app(max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
     # and echoes it on every response; the ingress then takes that id verbatim and adds no header of its own.
     app.state.behind_serve_proxy = False
 
+    app.state.auth = None  # graph.auth.Authenticator, set by the ingress from its profile
+    # Starlette runs the last one added first: request id and body limit, then the caller.
+    app.add_middleware(Authenticate, outer=app)
     app.add_middleware(RequestIdAndLimits, outer=app)
 
     @app.exception_handler(RequestValidationError)

@@ -15,7 +15,7 @@ STAGES = ("validate", "intent", "route", "generate", "post", "typography", "enco
 REASONS = ("nan", "blank", "undecodable", "wrong_size", "oom", "deadline", "overloaded", "shed", "error",
            "replica_died", "rate_limited", "invalid_value", "not_supported", "generation_failed", "stage_failed",
            "deadline_exceeded", "budget_exceeded", "conflict", "not_found", "internal_error", "ocr_miss",
-           "model_retired")
+           "model_retired", "rate_limit_exceeded", "invalid_api_key", "permission_denied")
 # Milliseconds: a 2 ms cache hit up to a 3-minute CPU render.
 LATENCY_BOUNDARIES_MS = [5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 20000, 40000, 90000, 180000]
 OTHER = "other"

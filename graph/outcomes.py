@@ -9,6 +9,7 @@ import base64
 import logging
 import time
 
+from graph.auth import Links, can_see
 from graph.canary import Canaries
 from graph.claims import Claims
 from graph.cost import SpendLedger
@@ -19,14 +20,10 @@ from graph.trace import Trace, request_hash
 log = logging.getLogger("prism.outcomes")
 
 
-def image_url(base: str, rid: str, index: int) -> str:
-    return f"{base}/v1/renders/{rid}/image.png?index={index}"
-
-
-def answer_body(body: GenerationResponse, trace: Trace) -> dict:
-    """The JSON answer: PNGs inline (b64_json) or as links to the committed record (url)."""
+def answer_body(body: GenerationResponse, trace: Trace, links: Links) -> dict:
+    """The JSON answer: PNGs inline (b64_json) or as links to the committed record (url, signed and expiring)."""
     if trace.req.response_format == "url":
-        data = [{"url": image_url(trace.base_url, trace.rid, i)} for i in range(len(trace.pngs))]
+        data = [{"url": links.url(trace.base_url, trace.rid, i)} for i in range(len(trace.pngs))]
     else:
         data = [{"b64_json": base64.b64encode(png).decode("ascii")} for png in trace.pngs]
     out = body.model_dump(exclude={"data"})
@@ -43,16 +40,17 @@ def prism_info(trace: Trace, result: GenerateResult, native: int, admitted: dict
         request_id=trace.rid, intent=trace.intent, route=d.route, rule=d.rule, tier=trace.tier, model=result.model,
         model_version=result.model_version, seed=trace.seed, steps=result.steps, guidance=result.guidance,
         native_size=f"{native}x{native}", timings_ms=trace.timings, cost_usd=trace.cost_usd, degraded=d.degraded,
-        fallbacks=trace.fallbacks, ocr=trace.ocr, notes=notes, ignored_fields=trace.req.ignored_fields,
-        canary=d.canary, replay_of=trace.replay_of, batch_size=result.batch_size, admitted=admitted)
+        fallbacks=trace.fallbacks, ocr=trace.ocr, notes=notes,
+        ignored_fields=sorted(set(trace.req.ignored_fields) | set(trace.ignored)), canary=d.canary,
+        replay_of=trace.replay_of, batch_size=result.batch_size, admitted=admitted, user_tier=trace.req.user_tier)
 
 
 class Outcomes:
     """The ingress's bookkeeping for every request that reached it."""
 
     def __init__(self, store, writer, metrics, ledger: SpendLedger, spend, canaries: Canaries, claims: Claims,
-                 model_of_tier: dict[str, str]):
-        self.store, self.writer, self.metrics = store, writer, metrics
+                 model_of_tier: dict[str, str], links: Links):
+        self.store, self.writer, self.metrics, self.links = store, writer, metrics, links
         self.ledger, self.spend, self.canaries, self.claims = ledger, spend, canaries, claims
         self.model_of_tier = model_of_tier
 
@@ -96,7 +94,8 @@ class Outcomes:
         rec = await asyncio.to_thread(self.store.get, trace.rid)
         if rec is None or rec.get("failed") or not rec.get("prism"):
             return None
-        if rec.get("request_hash") != request_hash(trace.req):
+        if rec.get("request_hash") != request_hash(trace.req) or not can_see(trace.caller, rec.get("tenant")):
+            # Another tenant's id looks like any clash: the answer must not say whose it is, or that it exists.
             raise Conflict(f"X-Request-ID {trace.rid!r} was already used for a different request; send a new id",
                            param="X-Request-ID")
         pngs = await asyncio.to_thread(lambda: [self.store.image(trace.rid, i)
@@ -106,7 +105,7 @@ class Outcomes:
         trace.pngs = pngs
         prism = PrismInfo.model_validate({**rec["prism"], "recorded": True})
         prism.notes.append("answered from the render record: this X-Request-ID was already rendered")
-        return answer_body(GenerationResponse(created=int(rec["created"]), data=[], prism=prism), trace)
+        return answer_body(GenerationResponse(created=int(rec["created"]), data=[], prism=prism), trace, self.links)
 
     def _judge(self, trace: Trace, rec: dict) -> None:
         monitor = self.canaries.monitors.get(rec["route"] or "")

@@ -42,8 +42,11 @@ BUSY_TIMEOUT_MS = 5000
 DAY_S = 86_400.0
 
 # Columns copied out of the record so they can be filtered and aggregated; the whole record also lives in `body`.
-_TEXT_COLUMNS = ("user_tier", "intent", "route", "tier", "model", "replay_of", "request_hash")
+_TEXT_COLUMNS = ("user_tier", "intent", "route", "tier", "model", "replay_of", "request_hash", "tenant", "key_id")
 _EQ_FILTERS = ("intent", "route", "tier", "user_tier", "replay_of")  # list() filters that are plain equality
+# Columns added after the first release: a store made before them gets them (NULL in old rows) when it is opened.
+_ADDED_COLUMNS = {"tenant": "TEXT", "key_id": "TEXT"}
+ANONYMOUS_TENANT = "anonymous"  # graph.auth.ANONYMOUS; old rows (NULL tenant) count as anonymous
 _STATS_COLUMNS = ("created", "intent", "route", "model", "tier", "user_tier", "failed", "latency_ms", "cost_usd",
                   "n_fallbacks")
 _DERIVED_KEYS = ("seq", "image_hashes")  # what get() adds; never stored in the body
@@ -77,6 +80,10 @@ CREATE TABLE IF NOT EXISTS images (
     PRIMARY KEY (seq, idx)
 );
 CREATE INDEX IF NOT EXISTS images_hash ON images(hash);
+"""
+_INDEXES_ON_ADDED = """
+CREATE INDEX IF NOT EXISTS renders_tenant ON renders(tenant, created);
+CREATE INDEX IF NOT EXISTS renders_key ON renders(key_id, created);
 """
 
 
@@ -128,15 +135,16 @@ class RenderStore(ABC):
     def list(self, *, intent: str | None = None, route: str | None = None, model: str | None = None,
              tier: str | None = None, user_tier: str | None = None, failed: bool | None = None,
              since: float | None = None, until: float | None = None, replay_of: str | None = None,
-             limit: int = 50, cursor: str | None = None) -> tuple[list[dict], str | None]:
-        """A page of records, newest first, and the cursor for the next page (None on the last page)."""
+             limit: int = 50, cursor: str | None = None, tenant: str | None = None) -> tuple[list[dict], str | None]:
+        """A page of records (of one tenant, or all), newest first, and the cursor for the next page (None on the
+        last page)."""
 
     @abstractmethod
-    def rows_since(self, since: float) -> list[dict]:
+    def rows_since(self, since: float, tenant: str | None = None) -> list[dict]:
         """Lightweight rows (the `_STATS_COLUMNS`) of records created at or after `since`, for /v1/stats."""
 
     @abstractmethod
-    def cost_by_user_tier(self, since: float) -> dict[str, float]:
+    def cost_by_user_tier(self, since: float, tenant: str | None = None) -> dict[str, float]:
         """Total cost of records created at or after `since`, per user tier."""
 
     @abstractmethod
@@ -249,16 +257,17 @@ class SqliteRenderStore(RenderStore):
     def list(self, *, intent: str | None = None, route: str | None = None, model: str | None = None,
              tier: str | None = None, user_tier: str | None = None, failed: bool | None = None,
              since: float | None = None, until: float | None = None, replay_of: str | None = None,
-             limit: int = 50, cursor: str | None = None) -> tuple[list[dict], str | None]:
+             limit: int = 50, cursor: str | None = None, tenant: str | None = None) -> tuple[list[dict], str | None]:
         """Newest first by `created` (ties by seq); keyset paging so pages stay stable while records arrive.
 
-        `since` is inclusive and `until` exclusive; `model` matches the model name or the model version.
+        `since` is inclusive and `until` exclusive; `model` matches the model name or the model version; `tenant`
+        (None: every tenant) keeps one tenant's records.
         """
         if limit < 1:
             raise ValueError(f"limit must be >= 1, got {limit}")
         clauses, params = _filter_sql(eq={"intent": intent, "route": route, "tier": tier, "user_tier": user_tier,
                                           "replay_of": replay_of},
-                                      model=model, failed=failed, since=since, until=until)
+                                      model=model, failed=failed, since=since, until=until, tenant=tenant)
         if cursor is not None:
             created, seq = _parse_cursor(cursor)
             clauses.append("(created < ? OR (created = ? AND seq < ?))")
@@ -271,10 +280,11 @@ class SqliteRenderStore(RenderStore):
         more = len(rows) > limit
         return records, _cursor(records[-1]) if more else None
 
-    def rows_since(self, since: float) -> list[dict]:
-        sql = f"SELECT {', '.join(_STATS_COLUMNS)} FROM renders WHERE created >= ?"
+    def rows_since(self, since: float, tenant: str | None = None) -> list[dict]:
+        clauses, params = _filter_sql(eq={}, model=None, failed=None, since=since, until=None, tenant=tenant)
+        sql = f"SELECT {', '.join(_STATS_COLUMNS)} FROM renders WHERE {' AND '.join(clauses)}"
         with self._lock:
-            rows = self._conn.execute(sql, (since,)).fetchall()
+            rows = self._conn.execute(sql, params).fetchall()
         out = [dict(zip(_STATS_COLUMNS, row, strict=True)) for row in rows]
         for r in out:
             r["failed"] = bool(r["failed"])
@@ -286,11 +296,12 @@ class SqliteRenderStore(RenderStore):
             rows = self._conn.execute("SELECT id FROM renders WHERE failed = 0 GROUP BY id HAVING COUNT(*) > 1")
             return [r[0] for r in rows.fetchall()]
 
-    def cost_by_user_tier(self, since: float) -> dict[str, float]:
-        """Spend per user tier; records without a user tier count under "unknown"."""
+    def cost_by_user_tier(self, since: float, tenant: str | None = None) -> dict[str, float]:
+        """Spend per user tier (of one tenant, or all); records without a user tier count under "unknown"."""
+        clauses, params = _filter_sql(eq={}, model=None, failed=None, since=since, until=None, tenant=tenant)
         with self._lock:
             rows = self._conn.execute("SELECT COALESCE(user_tier, 'unknown'), SUM(cost_usd) FROM renders "
-                                      "WHERE created >= ? GROUP BY 1", (since,)).fetchall()
+                                      f"WHERE {' AND '.join(clauses)} GROUP BY 1", params).fetchall()
         return {tier: round(total or 0.0, 8) for tier, total in rows}
 
     def _with_images(self, conn: sqlite3.Connection, rows: Sequence[tuple[int, str]]) -> list[dict]:
@@ -479,9 +490,15 @@ def _columns(record: dict) -> dict[str, Any]:
 
 
 def _filter_sql(*, eq: dict[str, Any], model: str | None, failed: bool | None, since: float | None,
-                until: float | None) -> tuple[list[str], list[Any]]:
+                until: float | None, tenant: str | None = None) -> tuple[list[str], list[Any]]:
     """WHERE clauses and their parameters; column names come from a fixed list, values are always bound."""
     clauses, params = [], []
+    if tenant == ANONYMOUS_TENANT:  # records from before tenants existed have none: they were anonymous
+        clauses.append("(tenant = ? OR tenant IS NULL)")
+        params.append(tenant)
+    elif tenant is not None:
+        clauses.append("tenant = ?")
+        params.append(tenant)
     for column, value in eq.items():
         if column not in _EQ_FILTERS:
             raise ValueError(f"not a filterable column: {column!r}")
@@ -527,13 +544,29 @@ def _connect(path: Path, fsync: bool = False) -> sqlite3.Connection:
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute(f"PRAGMA synchronous = {'FULL' if fsync else 'NORMAL'}")
     try:  # one transaction, so two processes creating the schema at once cannot interleave
-        conn.executescript(f"BEGIN IMMEDIATE;{_SCHEMA}COMMIT;")
+        ensure_schema(conn)
     except BaseException:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         conn.close()
         raise
     return conn
+
+
+def ensure_schema(conn: sqlite3.Connection) -> None:
+    """Create the tables, or add the columns a store made by an older Prism lacks, in one transaction."""
+    conn.execute("BEGIN IMMEDIATE")
+    for statement in _SCHEMA.split(";"):
+        if statement.strip():
+            conn.execute(statement)
+    have = {row[1] for row in conn.execute("PRAGMA table_info(renders)")}
+    for column, kind in _ADDED_COLUMNS.items():
+        if column not in have:
+            conn.execute(f"ALTER TABLE renders ADD COLUMN {column} {kind}")
+    for statement in _INDEXES_ON_ADDED.split(";"):
+        if statement.strip():
+            conn.execute(statement)
+    conn.execute("COMMIT")
 
 
 def _write_durably(path: Path, data: bytes, fsync: bool = True) -> None:

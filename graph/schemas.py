@@ -154,6 +154,8 @@ class PrismInfo(BaseModel):
     recorded: bool = Field(default=False, description="The render record was committed before this response.")
     batch_size: int = Field(default=1, description="Renders the model ran together with this one (backlog batch).")
     admitted: dict | None = Field(default=None, description="Where admission placed it: tier, waited_ms.")
+    user_tier: str = Field(default="free", description="The user tier it was served, budgeted and prioritised as "
+                                                       "(the API key's; the body's only for gateway keys).")
 
 
 class ReplayRequest(BaseModel):

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from engines.generators import ModelSpec
 from engines.post import PostSpec
+from graph.auth import AuthSpec
 from graph.records import RecordsSpec
 from graph.schemas import SIZE_MAX, SIZE_MIN, SIZE_STEP, TypographySpec
 
@@ -45,6 +46,7 @@ class AppArgs(BaseModel):
     typography: TypographySpec = Field(default_factory=TypographySpec)
     records: RecordsSpec = Field(default_factory=RecordsSpec, description="Render records: where and how long.")
     intent: IntentSpec = Field(default_factory=IntentSpec)
+    auth: AuthSpec = Field(default_factory=AuthSpec, description="API keys: required, optional or off (graph/auth.py).")
 
     @model_validator(mode="after")
     def _tier_names(self) -> AppArgs:

@@ -8,6 +8,7 @@ import json
 import time
 from dataclasses import dataclass, field
 
+from graph.auth import OPEN_CALLER, Caller
 from graph.errors import PrismError
 from graph.schemas import Fallback, GenerationRequest, IntentResult, OcrInfo, RouteDecision
 
@@ -38,6 +39,8 @@ class Trace:
     req: GenerationRequest
     base_url: str = ""
     replay_of: str | None = None
+    caller: Caller = OPEN_CALLER  # who asked (graph/auth.py): the record's tenant and key
+    ignored: list[str] = field(default_factory=list)  # body fields the caller may not set (user_tier without a key)
     created: float = field(default_factory=time.time)
     t0: float = field(default_factory=time.perf_counter)
     intent: IntentResult | None = None
@@ -81,6 +84,7 @@ class Trace:
             "id": self.rid, "created": self.created, "failed": self.error is not None, "status": self.status,
             "prompt": self.req.prompt, "request": self.req.model_dump(exclude={"prompt"}),
             "request_hash": request_hash(self.req), "user_tier": self.req.user_tier,
+            "tenant": self.caller.tenant, "key_id": self.caller.key_id,
             "intent": i.label if i else None, "intent_scores": i.scores if i else None,
             "intent_source": i.source if i else None, "text_to_render": i.text_to_render if i else None,
             "route": d.route if d else None, "rule": d.rule if d else None, "tier": tier,
