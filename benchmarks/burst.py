@@ -32,6 +32,7 @@ import httpx  # noqa: E402
 
 from benchmarks.serving import pct, start  # noqa: E402
 from graph.config import ROOT, load_serve_config  # noqa: E402
+from graph.keys import gateway_key  # noqa: E402
 
 PORT = 18100
 BASE = f"http://127.0.0.1:{PORT}"
@@ -66,9 +67,12 @@ async def send(client: httpx.AsyncClient, prompt: str, user_tier: str = "free", 
     return Outcome(r.status_code, ms, route, user_tier, "retry-after" in r.headers, body)
 
 
+HEADERS: dict[str, str] = {}  # the load generator's gateway key (its bodies say each request's user tier)
+
+
 def client() -> httpx.AsyncClient:
-    return httpx.AsyncClient(base_url=BASE, timeout=300, limits=httpx.Limits(max_connections=2000,
-                                                                           max_keepalive_connections=200))
+    return httpx.AsyncClient(base_url=BASE, timeout=300, headers=HEADERS,
+                             limits=httpx.Limits(max_connections=2000, max_keepalive_connections=200))
 
 
 async def unloaded(n: int) -> list[Outcome]:
@@ -150,7 +154,9 @@ def show(row: dict) -> None:
 def run(profile: str, seconds: float) -> None:
     cfg = load_serve_config(ROOT / PROFILES[profile])
     cfg["http_options"]["port"] = PORT
-    cfg["applications"][0]["args"].setdefault("records", {})["dir"] = tempfile.mkdtemp(prefix="prism-burst-")
+    records = tempfile.mkdtemp(prefix="prism-burst-")
+    cfg["applications"][0]["args"].setdefault("records", {})["dir"] = records
+    HEADERS["Authorization"] = f"Bearer {gateway_key(records)}"
     start(cfg)
     asyncio.run(unloaded(len(MIX)))  # warm every route (first renders load lazily)
     base = asyncio.run(unloaded(3 * len(MIX)))

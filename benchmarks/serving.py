@@ -15,6 +15,7 @@ import copy
 import os
 import statistics
 import sys
+import tempfile
 import time
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -23,6 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import httpx  # noqa: E402
 
 from graph.config import ROOT, load_serve_config  # noqa: E402
+from graph.keys import gateway_key  # noqa: E402
 
 PORT = 18100
 BASE = f"http://127.0.0.1:{PORT}"
@@ -56,7 +58,7 @@ async def drive(path: str, bodies: list[dict], concurrency: int) -> tuple[list[f
     """Send bodies with `concurrency` workers; returns latencies (ms) of 200s, their JSON, non-200 count."""
     lat, out, bad = [], [], 0
     queue = list(bodies)
-    async with httpx.AsyncClient(base_url=BASE, timeout=300) as client:
+    async with httpx.AsyncClient(base_url=BASE, timeout=300, headers=HEADERS) as client:
         async def worker():
             nonlocal bad
             while queue:
@@ -70,6 +72,9 @@ async def drive(path: str, bodies: list[dict], concurrency: int) -> tuple[list[f
                     bad += 1
         await asyncio.gather(*(worker() for _ in range(concurrency)))
     return lat, out, bad
+
+
+HEADERS: dict[str, str] = {}  # a gateway key where a benchmark's bodies say the user tier (routed)
 
 
 def start(config: dict) -> None:
@@ -144,6 +149,9 @@ def routed() -> None:
         if d["name"] == "Ingress":  # measure the routing itself: no load-based brownout in either arm
             for route in d["user_config"]["routing"]["routes"].values():
                 route.pop("brownout", None)
+    records = tempfile.mkdtemp(prefix="prism-routed-")
+    cfg["applications"][0]["args"]["records"] = {"dir": records}
+    HEADERS["Authorization"] = f"Bearer {gateway_key(records)}"  # the mix's user tiers, as a gateway says them
     start(cfg)
     bodies = [{"prompt": p, "user_tier": t, "size": "256x256", "seed": i} for i, (p, t) in enumerate(MIX * 4)]
     mono = [{**b, "model": "premium"} for b in bodies]

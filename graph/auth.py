@@ -112,17 +112,21 @@ def bearer_key(authorization: str | None) -> str | None:
 
 
 def resolve_caller(mode: str, authorization: str | None, lookup: KeyLookup) -> Caller:
-    """The caller of a request. A key that is sent is always checked (a wrong one is a 401 even where keys are
-    optional: silently serving it as anonymous would hide the mistake). The key is never echoed back."""
+    """The caller of a request. A Prism key that is sent is always checked: an unknown, disabled or rotated one is a
+    401 even where keys are optional (serving it as anonymous would hide a revoked key). Where keys are optional, a
+    bearer token that is not a Prism key is anonymous: the OpenAI SDK will not start without some `api_key`, and
+    placeholders like "not-needed" are what its users put there. The key is never echoed back."""
     if mode == "off":
         return OPEN_CALLER
     key = bearer_key(authorization)
+    if key is not None and mode == "optional" and not key.startswith(KEY_PREFIX):
+        key = None
     if key is None:
         if mode == "required":
             raise Unauthorized("this deployment requires an API key: send `Authorization: Bearer <key>` (keys are "
                                "made with `python -m graph.keys create`)", param="Authorization")
         return ANONYMOUS_CALLER
-    info = lookup(key) if key.startswith(KEY_PREFIX) else None
+    info = lookup(key) if key.startswith(KEY_PREFIX) else None  # a foreign token is never looked up
     if info is None:
         raise Unauthorized("the API key is not valid (unknown, or rotated)", param="Authorization")
     if info.disabled:

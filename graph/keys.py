@@ -207,6 +207,16 @@ class KeyStore:
             self._conn.execute("DELETE FROM key_inflight WHERE key_id = ? AND rid = ?", (key_id, rid))
 
 
+def gateway_key(directory: str | Path, tenant: str = "loadtest") -> str:
+    """A new gateway key in the store at `directory`: what load generators and benchmarks send, so the user tier in
+    their bodies is honoured as a gateway's would be (a mixed free/enterprise spike)."""
+    store = KeyStore(directory)
+    try:
+        return store.create(tenant, "free", gateway=True, name="load generator")[0]
+    finally:
+        store.close()
+
+
 def limited(info: KeyInfo | None) -> bool:
     """Does this key's render need counting (any limit set)?"""
     return info is not None and (info.rpm is not None or info.concurrent is not None or info.budget_usd is not None)

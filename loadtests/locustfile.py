@@ -11,6 +11,9 @@ import random
 from locust import FastHttpUser, LoadTestShape, between, events, task
 from prompts import PROMPTS, TIERS, WEIGHTS  # Locust puts the locustfile's folder on sys.path
 
+# loadtests/run.py's gateway key: the bodies' user tiers are honoured as a gateway's (anonymous callers are free).
+KEY = {"Authorization": f"Bearer {os.environ['PRISM_LOAD_KEY']}"} if os.environ.get("PRISM_LOAD_KEY") else {}
+
 
 class PrismUser(FastHttpUser):
     wait_time = between(float(os.environ.get("PRISM_WAIT_MIN", "1")), float(os.environ.get("PRISM_WAIT_MAX", "3")))
@@ -20,7 +23,7 @@ class PrismUser(FastHttpUser):
     def _generate(self, intent: str):
         body = {"prompt": random.choice(PROMPTS[intent]), "size": random.choice(["256x256", "512x512"]),
                 "user_tier": random.choices(list(TIERS), weights=list(TIERS.values()))[0]}
-        with self.client.post("/v1/images/generations", json=body, name=f"gen:{intent}",
+        with self.client.post("/v1/images/generations", json=body, name=f"gen:{intent}", headers=KEY,
                               catch_response=True) as resp:
             elapsed_ms = resp.request_meta["response_time"] if hasattr(resp, "request_meta") else 0
             if resp.status_code == 200:

@@ -45,6 +45,22 @@ def start_server(config: str, host: str, log: Path) -> subprocess.Popen:
     sys.exit(f"server not answering after 240 s; see {log}")
 
 
+def key_header() -> dict[str, str]:
+    """The load generator's gateway key: its bodies say each user's tier, as a gateway in front of Prism would."""
+    return {"Authorization": f"Bearer {os.environ['PRISM_LOAD_KEY']}"} if os.environ.get("PRISM_LOAD_KEY") else {}
+
+
+def make_gateway_key(config: str) -> None:
+    """A gateway key in the store the server uses (the config's records dir, as the server resolves it)."""
+    sys.path.insert(0, str(ROOT))
+    from graph.config import load_serve_config, prism_app
+    from graph.keys import gateway_key
+    from graph.records import RecordsSpec
+
+    spec = RecordsSpec.model_validate(prism_app(load_serve_config(ROOT / config))["args"].get("records") or {})
+    os.environ["PRISM_LOAD_KEY"] = gateway_key(spec.resolved_dir())
+
+
 def measure_unloaded(host: str, rounds: int) -> dict[str, float]:
     """Each route's unloaded p95 (ms), from the mix sent one request at a time before the load: the baseline the
     accepted requests' p95 under load is held to (loadtests/targets.yaml: max_accepted_p95_ratio)."""
@@ -56,7 +72,7 @@ def measure_unloaded(host: str, rounds: int) -> dict[str, float]:
             for tier in TIERS:
                 body = {"prompt": prompts[i % len(prompts)], "size": ("256x256", "512x512")[i % 2], "user_tier": tier}
                 req = urllib.request.Request(f"{host}/v1/images/generations", data=json.dumps(body).encode(),
-                                             headers={"content-type": "application/json"})
+                                             headers={"content-type": "application/json", **key_header()})
                 t = time.perf_counter()
                 with urllib.request.urlopen(req, timeout=120) as r:
                     route = json.load(r)["prism"]["route"]
@@ -91,6 +107,7 @@ def main() -> int:
     args = ap.parse_args()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     server = None
+    make_gateway_key(args.config)  # passed to locust through the environment
     if not _up(args.host):
         print(f"starting serve run {args.config} ...", flush=True)
         server = start_server(args.config, args.host, args.out.with_suffix(".serve.log"))

@@ -5,10 +5,27 @@
 const BASE = location.pathname.replace(/\/[^/]*$/, "");
 const $ = (id) => document.getElementById(id);
 
+// The API key, when the deployment takes keys: this tab's sessionStorage only (gone when the tab closes).
+const KEY_SLOT = "prism-api-key";
+
+function keyHeaders() {
+  const key = sessionStorage.getItem(KEY_SLOT);
+  return key ? { Authorization: `Bearer ${key}` } : {};
+}
+
+function askForKey(message) {
+  const first = $("key-form").hidden || $("key-status").className !== "warn";
+  $("key-form").hidden = false;
+  $("key-status").textContent = message;
+  $("key-status").className = "warn";
+  if (first) $("api-key").focus();  // once: the stats refresh must not keep taking the focus
+}
+
 async function api(path, options = {}) {
-  const init = { ...options, headers: { "Content-Type": "application/json", ...(options.headers || {}) } };
+  const init = { ...options, headers: { "Content-Type": "application/json", ...keyHeaders(), ...(options.headers || {}) } };
   const r = await fetch(BASE + path, init);
   const body = await r.json().catch(() => ({}));
+  if (r.status === 401) askForKey((body.error || {}).message || "This deployment needs an API key.");
   if (!r.ok) {
     const err = body.error || {};
     throw new Error(`${r.status} ${err.code || ""}: ${err.message || r.statusText}` +
@@ -69,6 +86,7 @@ function describe(dl, prism) {
   if (scores.length > 1) fact(dl, "Scores", bars(scores, ""));
   fact(dl, "Route", `${prism.route} (rule ${prism.rule})${prism.degraded ? ", degraded" : ""}${prism.canary ? ", canary" : ""}`);
   fact(dl, "Model", `${prism.model} · ${prism.model_version} · tier ${prism.tier}`);
+  fact(dl, "User tier", `${prism.user_tier}${(prism.ignored_fields || []).includes("user_tier") ? " (from the key; the form's tier was ignored)" : ""}`);
   fact(dl, "Seed / steps / guidance", `${prism.seed} / ${prism.steps} / ${prism.guidance}`);
   const fb = prism.fallbacks || [];
   fact(dl, "Fallbacks", fb.length ? fb.map((f) => `${f.model}: ${f.reason}`).join("; ") : "none");
@@ -219,9 +237,8 @@ async function loadHistory(event, cursor = null) {
 function historyRow(r) {
   const tr = el("tr", null, { "data-id": r.id });
   const thumb = el("td");
-  if (!r.failed && (r.image_hashes || []).length) {
-    thumb.append(el("img", null, { src: `${BASE}/v1/renders/${encodeURIComponent(r.id)}/image.png?index=0`,
-                                   alt: "thumbnail", loading: "lazy" }));
+  if (!r.failed && (r.image_urls || []).length) {  // signed links: an <img> sends no key
+    thumb.append(el("img", null, { src: r.image_urls[0], alt: "thumbnail", loading: "lazy" }));
   }
   const when = el("td");
   when.append(el("a", new Date(r.created * 1000).toLocaleTimeString(),
@@ -247,12 +264,40 @@ async function loadStats() {
   } catch (e) { /* records disabled: the section stays empty */ }
 }
 
+function loadAll() {
+  $("compare-models").querySelectorAll("label").forEach((l) => l.remove());
+  loadModels();
+  loadHistory();
+  loadStats();
+}
+
+function useKey(event) {
+  event.preventDefault();
+  const key = $("api-key").value.trim();
+  if (key) sessionStorage.setItem(KEY_SLOT, key); else sessionStorage.removeItem(KEY_SLOT);
+  $("api-key").value = "";
+  $("key-status").className = "";
+  $("key-status").textContent = key ? `Using key …${key.slice(-4)} in this tab` : "No key: anonymous";
+  loadAll();
+}
+
+async function start() {
+  const health = await fetch(`${BASE}/healthz`).then((r) => r.json()).catch(() => ({}));
+  if (health.auth && health.auth !== "off") {
+    $("key-form").hidden = false;
+    const key = sessionStorage.getItem(KEY_SLOT);
+    if (key) $("key-status").textContent = `Using key …${key.slice(-4)} in this tab`;
+    else if (health.auth === "required") { askForKey("This deployment requires an API key."); return; }
+    else $("key-status").textContent = "Optional: without a key you are an anonymous free caller.";
+  }
+  loadAll();
+}
+
 $("gen-form").addEventListener("submit", generate);
 $("route-only").addEventListener("click", routeOnly);
 $("replay").addEventListener("click", replay);
 $("history-form").addEventListener("submit", loadHistory);
 $("history-next").addEventListener("click", () => loadHistory(null, historyCursor));
-loadModels();
-loadHistory();
-loadStats();
+$("key-form").addEventListener("submit", useKey);
+start();
 setInterval(loadStats, 10000);

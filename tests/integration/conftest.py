@@ -8,6 +8,8 @@ import copy
 import os
 import re
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -30,13 +32,15 @@ SICK_MARKER = os.path.join(tempfile.gettempdir(), f"prism-sick-{os.getpid()}.mar
 INTENT_HANG_MARKER = os.path.join(tempfile.gettempdir(), f"prism-intent-hang-{os.getpid()}.marker")
 # While this file exists the faults app's OCR misreads every text (the typography miss -> 502 path over HTTP).
 OCR_MISREAD_MARKER = os.path.join(tempfile.gettempdir(), f"prism-ocr-misread-{os.getpid()}.marker")
-APPS = ("prism", "faults")
+APPS = ("prism", "faults", "keyed")
 # Ray's per-node metrics agent serves ray.serve.metrics here (Prometheus text), as `ray start
 # --metrics-export-port` does on a cluster.
 METRICS_PORT = int(os.environ.setdefault("PRISM_TEST_METRICS_PORT", str(free_port(PORT + 999))))
 REMOTE_KEY_ENV = "PRISM_TEST_REMOTE_KEY"
 # Each app records its renders under its own folder of this session's temp dir.
-RECORDS_DIR = tempfile.mkdtemp(prefix="prism-records-")
+# In the environment, like the ports: both imports of this file (see PORT) must name the same folder.
+RECORDS_DIR = os.environ.get("PRISM_TEST_RECORDS_DIR") or os.environ.setdefault(
+    "PRISM_TEST_RECORDS_DIR", tempfile.mkdtemp(prefix="prism-records-"))
 GPU_TIERS = ("ok", "nan", "garbage", "blank")
 
 
@@ -141,13 +145,49 @@ def faults_app(base_app: dict, extra_tiers: dict | None = None) -> dict:
         # Serve's own queue behind admission (its safety net): one running, one queued.
         {"name": "Generator_held", **small, "max_ongoing_requests": 1, "max_queued_requests": 1}]
     return {"name": "faults", "route_prefix": "/faults", "import_path": base_app["import_path"],
-            "args": {"profile": "faults", "max_width": 256, "max_height": 256, "tiers": tiers,
+            # Auth off: these tests drive the HTTP surface as trusted callers (a gateway's view), saying user tiers
+            # in the body; keys and tenants are tested on the /keyed app.
+            "args": {"profile": "faults", "max_width": 256, "max_height": 256, "tiers": tiers, "auth": {"mode": "off"},
                      "records": {"dir": os.path.join(RECORDS_DIR, "faults")},
                      "intent": {"timeout_s": 3, "fault_marker_path": INTENT_HANG_MARKER},
                      "post": {"backend": "realesrgan"},
                      "typography": {"ocr": "rapidocr", "max_cer": 1.0, "preload": False,
                                     "fault_misread_marker_path": OCR_MISREAD_MARKER}},
             "deployments": deployments}
+
+
+def keyed_app(base_app: dict) -> dict:
+    """A third app on /keyed with API keys required, through $PRISM_AUTH in the app's runtime_env (its YAML-style
+    args say optional: the override is what is tested), and two ingress replicas, so a key disabled or rotated, a
+    key's limits and the link secret are shown to hold on every replica. A real built-in model renders; `held` (a
+    slow fake) holds a render for the concurrency limit. Enterprise users take the `vip` route: which route served a
+    request shows which user tier it was served as."""
+    ok = {"kind": "builtin", "name": "prism-builtin-small", "config": "small", "native_size": 32, "steps": 2,
+          "guidance": 2.0, "max_batch_size": 4, "max_concurrency": 4, "cost": {"usd_per_second": 0.001}}
+    tiers = {"ok": ok, "held": _fake("sleep", fault_sleep_s=3.0, max_batch_size=1, max_concurrency=4)}
+    routes = {"std": {"tier": "ok", "fallbacks": [], "max_latency_ms": 30000},
+              "vip": {"tier": "ok", "steps": 3, "fallbacks": [], "max_latency_ms": 30000},
+              "held": {"tier": "held", "fallbacks": [], "max_latency_ms": 30000}}
+    rules = [{"name": "enterprise-vip", "match": {"user_tiers": ["enterprise"]}, "route": "vip"}]
+    small = {"ray_actor_options": {"num_cpus": 0.02}}
+    return {"name": "keyed", "route_prefix": "/keyed", "import_path": base_app["import_path"],
+            "runtime_env": {"env_vars": {"PRISM_AUTH": "required"}},
+            "args": {"profile": "keyed", "max_width": 128, "max_height": 128, "tiers": tiers,
+                     "auth": {"mode": "optional", "url_ttl_s": 600},
+                     "records": {"dir": os.path.join(RECORDS_DIR, "keyed")},
+                     "post": {"backend": "classical"}, "typography": {"ocr": "rapidocr", "preload": False}},
+            "deployments": [{"name": "Ingress", **small, "num_replicas": 2,
+                             "user_config": {"routing": {"version": "keyed-1", "default_route": "std",
+                                                         "routes": routes, "rules": rules}}}]
+            + [{"name": f"Generator_{t}", **small, "max_ongoing_requests": 16} for t in tiers]}
+
+
+def make_key(app: str, *args: str) -> str:
+    """A key made by the real CLI (`python -m graph.keys`) against the app's store while the server runs; returns
+    the key it printed as its last line."""
+    out = subprocess.run([sys.executable, "-m", "graph.keys", "--dir", os.path.join(RECORDS_DIR, app), *args],
+                         capture_output=True, text=True, timeout=60, cwd=ROOT, check=True)
+    return out.stdout.strip().splitlines()[-1]
 
 
 class Deployer:
@@ -196,6 +236,7 @@ def deployer(standins):
     config["http_options"]["port"] = PORT
     config["applications"][0]["args"]["records"]["dir"] = os.path.join(RECORDS_DIR, "prism")
     config["applications"].append(faults_app(config["applications"][0], hosted_tiers(standins, REMOTE_KEY_ENV)))
+    config["applications"].append(keyed_app(config["applications"][0]))
     # 2 logical CPUs for the real profile (as on this machine) + a little for the fault app's light fakes.
     os.environ.setdefault(REMOTE_KEY_ENV, "prism-test-key-4f1c")  # the replicas inherit it
     # address="local": always a new Ray instance of our own, never the user's `ray start` cluster (tests/conftest.py).
@@ -215,6 +256,12 @@ def deployer(standins):
 @pytest.fixture(scope="session")
 def base_url(deployer) -> str:
     return f"http://127.0.0.1:{PORT}"
+
+
+@pytest.fixture(scope="session")
+def admin_headers(deployer) -> dict[str, str]:
+    """An admin key of the main app (auth optional, as `make serve` ships): the operator routes need one."""
+    return {"Authorization": f"Bearer {make_key('prism', 'create', '--tenant', 'ops', '--tier', 'free', '--admin')}"}
 
 
 @pytest.fixture(scope="session")

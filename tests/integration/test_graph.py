@@ -6,6 +6,7 @@ import pytest
 from PIL import Image
 
 from graph.images import decode_b64_png
+from tests.integration.conftest import make_key
 
 INTENT_CASES = [
     pytest.param({"prompt": 'a poster that says "GRAND OPENING"', "size": "256x256"}, "typography", "typography",
@@ -17,17 +18,24 @@ INTENT_CASES = [
                  "photoreal", "standard", id="photoreal"),
     pytest.param({"prompt": "watercolor illustration of a fox in a forest, children's book style",
                   "size": "256x256"}, "illustration", "standard", id="illustration"),
+    # A pro user: the tier comes from the caller's API key (the main app, like `make serve`, takes keys optionally).
     pytest.param({"prompt": "hero image for our saas landing page, cinematic, above the fold", "size": "512x512",
-                  "user_tier": "pro"}, "hero", "premium", id="hero_pro"),
+                  "key_tier": "pro"}, "hero", "premium", id="hero_pro"),
 ]
 
 
+@pytest.fixture(scope="module")
+def pro_key(deployer) -> str:
+    return make_key("prism", "create", "--tenant", "graph-tests", "--tier", "pro")
+
+
 @pytest.mark.parametrize("body,intent,tier", INTENT_CASES)
-def test_intent_reaches_tier_and_route_agrees(http, body, intent, tier):
+def test_intent_reaches_tier_and_route_agrees(http, pro_key, body, intent, tier):
     body = {**body, "seed": 42}
-    decision = http.post("/v1/route", json=body)
+    headers = {"Authorization": f"Bearer {pro_key}"} if body.pop("key_tier", None) else {}
+    decision = http.post("/v1/route", json=body, headers=headers)
     assert decision.status_code == 200, decision.text
-    r = http.post("/v1/images/generations", json=body)
+    r = http.post("/v1/images/generations", json=body, headers=headers)
     assert r.status_code == 200, r.text
     prism = r.json()["prism"]
     assert prism["intent"]["label"] == intent
@@ -134,9 +142,17 @@ def test_client_request_id_is_echoed(http):
     assert r.headers["x-request-id"] == "trace-abc.123" == r.json()["request_id"]
 
 
-@pytest.mark.parametrize("path", ["/healthz", "/docs", "/openapi.json", "/v1/models", "/v1/policy"])
+@pytest.mark.parametrize("path", ["/healthz", "/docs", "/openapi.json", "/v1/models", "/v1/load", "/v1/tiers"])
 def test_service_endpoints(http, path):
     assert http.get(path).status_code == 200
+
+
+def test_the_operator_routes_need_an_admin_key_even_where_keys_are_optional(http, admin_headers):
+    assert http.get("/healthz").json()["auth"] == "optional"
+    for path in ("/v1/policy", "/v1/canary"):
+        anonymous = http.get(path)
+        assert anonymous.status_code == 401 and "admin API key" in anonymous.json()["error"]["message"], path
+        assert http.get(path, headers=admin_headers).status_code == 200, path
 
 
 def test_openapi_documents_the_contract(http):

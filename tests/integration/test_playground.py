@@ -104,3 +104,27 @@ def test_phone_width_and_keyboard(browser, base_url):
             break
     assert page.evaluate("() => document.activeElement.id") == "generate"
     context.close()
+
+
+def test_the_page_asks_for_a_key_where_one_is_required_and_keeps_it_in_the_tab_only(page):
+    """The /keyed app requires keys: the page says so before anything else, renders once given a key, shows the
+    history's thumbnails through signed links (an <img> sends no key), and keeps the key in sessionStorage only."""
+    from tests.integration.conftest import make_key
+
+    key = make_key("keyed", "create", "--tenant", "browser", "--tier", "free")
+    page.goto("/keyed/")
+    page.wait_for_selector("#key-status:has-text('requires an API key')", timeout=30_000)
+    assert page.is_visible("#key-form") and page.evaluate("() => document.activeElement.id") == "api-key"
+    page.get_by_label("API key").fill(key)
+    page.get_by_role("button", name="Use key").click()
+    page.wait_for_selector(f"#key-status:has-text('…{key[-4:]}')")
+    page.get_by_label("Prompt").fill("a red star on a blue background")
+    page.get_by_label("Size").select_option("64x64")
+    page.get_by_role("button", name="Generate").click()
+    page.wait_for_selector("#status:has-text('Done in')", timeout=120_000)
+    _image_loaded(page, "#result-image")
+    assert "User tier" in page.inner_text("#result-facts")
+    page.get_by_role("button", name="Show").click()
+    _image_loaded(page, "#history-table tbody tr:first-child img", timeout_ms=30_000)
+    assert page.evaluate("() => sessionStorage.getItem('prism-api-key')") == key
+    assert page.evaluate("() => JSON.stringify(localStorage)") == "{}" and key not in page.context.cookies().__str__()

@@ -51,7 +51,8 @@ CALLERS = [
     pytest.param("optional", "Bearer prism_zz_unknown", Unauthorized, id="optional_wrong_key_is_401"),
     pytest.param("optional", "Bearer prism_k4_x", Unauthorized, id="disabled_key_is_401"),
     pytest.param("optional", "Basic dXNlcjpwYXNz", Unauthorized, id="another_scheme_is_401"),
-    pytest.param("optional", "Bearer sk-not-ours", Unauthorized, id="a_foreign_key_is_401"),
+    pytest.param("required", "Bearer sk-not-ours", Unauthorized, id="required_foreign_token_is_401"),
+    pytest.param("optional", "Bearer not-needed", ANONYMOUS, id="optional_sdk_placeholder_is_anonymous"),
     pytest.param("off", "Bearer anything", ANONYMOUS, id="off_trusts_everyone"),
 ]
 
@@ -261,7 +262,8 @@ def test_records_are_kept_per_tenant_and_an_old_store_gains_the_columns(tmp_path
                       "NOT NULL, failed INTEGER, status INTEGER, user_tier TEXT, intent TEXT, route TEXT, tier TEXT, "
                       "model TEXT, latency_ms REAL, cost_usd REAL, replay_of TEXT, request_hash TEXT, n_fallbacks "
                       "INTEGER, body TEXT NOT NULL);"
-                      """INSERT INTO renders (id, created, body) VALUES ('before', 1.0, '{"id": "before", "created": 1.0}');""")
+                      "INSERT INTO renders (id, created, body) VALUES "
+                      """('before', 1.0, '{"id": "before", "created": 1.0}');""")
     old.close()
     store = SqliteRenderStore(tmp_path)
     store.put({"id": "a", "created": 2.0, "tenant": "acme", "cost_usd": 1.0, "user_tier": "pro"}, [])
