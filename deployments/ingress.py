@@ -21,7 +21,7 @@ from deployments.records_api import RecordRoutes
 from deployments.reports import ReportPoller
 from engines.intent import IntentStage
 from graph.admission import Admission, DoorPass, Ticket, tier_slots
-from graph.auth import Authenticator, AuthSpec, Links, apply_caller, auth_mode
+from graph.auth import AuthSpec, apply_caller
 from graph.canary import Canaries
 from graph.chain import ChainWalk, chain_failed, result_cost
 from graph.claims import Claims
@@ -29,7 +29,7 @@ from graph.cost import SpendLedger, StoreSpend
 from graph.decision import Situation, reachable_tiers, route_request
 from graph.errors import GenerationFailed, InvalidRequest, PrismError
 from graph.http import caller_of, request_id_of
-from graph.keys import KeyStore, limited
+from graph.keys import Access
 from graph.metrics import PrismMetrics
 from graph.outcomes import Outcomes, answer_body, prism_info
 from graph.prefilter import PrefilterConfig, check_request
@@ -70,13 +70,10 @@ class Ingress(OpsRoutes, RecordRoutes):
         self.intent = IntentStage(fault_marker_path=(settings.get("intent") or {}).get("fault_marker_path"))
         records = RecordsSpec.model_validate(settings.get("records") or {})
         self.store = open_store(records)
-        # 0. Who may call: the profile's auth mode ($PRISM_AUTH overrides it); keys and the link secret live beside
-        #    the records (graph/keys.py), so every replica and the key CLI share them.
-        auth = AuthSpec.model_validate(settings.get("auth") or {})
-        self.auth_mode = auth_mode(auth)
-        self.keys = KeyStore(records.resolved_dir()) if self.auth_mode != "off" or self.store else None
-        self.links = Links(self.keys.url_secret() if self.keys else None, auth.url_ttl_s)
-        self.key_hold_s = 600.0  # how long a key's in-flight mark outlives a dead replica: the longest deadline
+        # Who may call ($PRISM_AUTH over the profile): keys and the link secret live beside the records, shared by
+        # every replica and the key CLI (graph/keys.py).
+        self.access = Access.open(AuthSpec.model_validate(settings.get("auth") or {}), records, self.store is not None)
+        self.auth_mode, self.links = self.access.mode, self.access.links
         self.writer = GroupCommitWriter(self.store) if self.store is not None else None
         self.ledger = SpendLedger()  # this replica's spend; budgets read `spend`: the store's, across replicas
         self.spend = StoreSpend(self.store) if self.store is not None else self.ledger
@@ -92,7 +89,7 @@ class Ingress(OpsRoutes, RecordRoutes):
         self.versions: dict[str, str] = {}  # tier -> model version, as its last render reported it
         app.state.max_body_bytes = settings.get("max_body_bytes", app.state.max_body_bytes)
         app.state.behind_serve_proxy = True
-        app.state.auth = Authenticator(self.auth_mode, self.keys.lookup if self.keys else None)
+        app.state.auth = self.access.authenticator()
 
     def reconfigure(self, config: dict) -> None:
         """Apply a routing policy from user_config; an invalid one is rejected and the old one keeps serving."""
@@ -110,7 +107,7 @@ class Ingress(OpsRoutes, RecordRoutes):
         self.metrics.allowed["route"] = set(policy.routes) | {f"tier:{t}" for t in self.generators}
         self.canaries.apply(policy.routes)
         self.admission.policy = policy.admission
-        self.key_hold_s = max(r.max_latency_ms for r in policy.routes.values()) / 1000 + 30
+        self.access.hold_s = max(r.max_latency_ms for r in policy.routes.values()) / 1000 + 30
         self.admission.set_slots({t: tier_slots(spec, policy.admission.max_slowdown)
                                   for t, spec in self.tier_specs.items()})
         log.info("routing policy version %s applied (%d rules)", policy.version, len(policy.rules))
@@ -154,7 +151,7 @@ class Ingress(OpsRoutes, RecordRoutes):
             self.outcomes.finish(trace, None)
             raise
         try:  # the key's own limits (per minute, at once, budget): counted in the store across replicas
-            counted = await self._start_key(trace)
+            counted = await self.access.start(trace.caller, trace.rid)
         except PrismError as e:
             door.close()
             trace.error = e
@@ -179,7 +176,7 @@ class Ingress(OpsRoutes, RecordRoutes):
             self.inflight -= 1
             door.close()
             if counted:  # before the answer: the client's next render must find its place free
-                await asyncio.to_thread(self.keys.finish, trace.caller.key_id, trace.rid)
+                await self.access.finish(trace.caller, trace.rid)
         body.prism.recorded = trace.recorded
         return JSONResponse(answer_body(body, trace, self.links))
 
@@ -218,16 +215,6 @@ class Ingress(OpsRoutes, RecordRoutes):
                            {"tier": ticket.tier, "waited_ms": ticket.waited_ms})
         trace.prism = prism.model_dump()
         return GenerationResponse(created=int(trace.created), data=[], prism=prism)
-
-    async def _start_key(self, trace: Trace) -> bool:
-        """Count the render against its key's limits, or refuse it with 429 + Retry-After (graph/auth.py); True when
-        it was counted (its in-flight mark is removed once answered)."""
-        if not limited(trace.caller.key):
-            return False
-        refusal = await asyncio.to_thread(self.keys.start, trace.caller.key, trace.rid, self.key_hold_s)
-        if refusal is not None:
-            raise refusal.error()
-        return True
 
     def _check_request(self, req: GenerationRequest) -> None:
         check_request(req, (self.settings["max_width"], self.settings["max_height"]), self.store is not None,

@@ -13,15 +13,30 @@ per render, so they hold across ingress replicas.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import hashlib
 import secrets
 import sqlite3
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from graph.auth import ANONYMOUS, KEY_PREFIX, RATE_WINDOW_S, KeyInfo, KeyUsage, RateLimitedRefusal, limit_refusal
+from graph.auth import (
+    ANONYMOUS,
+    KEY_PREFIX,
+    RATE_WINDOW_S,
+    Authenticator,
+    AuthSpec,
+    Caller,
+    KeyInfo,
+    KeyUsage,
+    Links,
+    RateLimitedRefusal,
+    auth_mode,
+    limit_refusal,
+)
 from graph.records import BUSY_TIMEOUT_MS, RecordsSpec, ensure_schema
 
 USER_TIERS = ("free", "pro", "enterprise")
@@ -205,6 +220,38 @@ class KeyStore:
         """The render is answered: its place among the key's concurrent renders is free."""
         with self._lock:
             self._conn.execute("DELETE FROM key_inflight WHERE key_id = ? AND rid = ?", (key_id, rid))
+
+
+@dataclass
+class Access:
+    """An ingress replica's view of who may call: the mode, the key store (with records, or whenever keys are on) and
+    the image links it signs. `start`/`finish` count a keyed render against its key's limits."""
+
+    mode: str
+    keys: KeyStore | None
+    links: Links
+    hold_s: float = 600.0  # how long a key's in-flight mark outlives a dead replica: the longest route deadline
+
+    @classmethod
+    def open(cls, spec: AuthSpec, records: RecordsSpec, has_store: bool) -> Access:
+        mode = auth_mode(spec)
+        keys = KeyStore(records.resolved_dir()) if mode != "off" or has_store else None
+        return cls(mode, keys, Links(keys.url_secret() if keys else None, spec.url_ttl_s))
+
+    def authenticator(self) -> Authenticator:
+        return Authenticator(self.mode, self.keys.lookup if self.keys else None)
+
+    async def start(self, caller: Caller, rid: str) -> bool:
+        """Count the render against its key's limits (True: counted, `finish` it once answered), or raise its 429."""
+        if not limited(caller.key):
+            return False
+        refusal = await asyncio.to_thread(self.keys.start, caller.key, rid, self.hold_s)
+        if refusal is not None:
+            raise refusal.error()
+        return True
+
+    async def finish(self, caller: Caller, rid: str) -> None:
+        await asyncio.to_thread(self.keys.finish, caller.key_id, rid)
 
 
 def gateway_key(directory: str | Path, tenant: str = "loadtest") -> str:
