@@ -81,3 +81,12 @@ def test_an_ended_job_stays_ended_and_a_cancel_reaches_its_owner(tmp_path):
     store.update("j2", status="succeeded", now=4.0)
     assert store.get("j2")["status"] == "canceled" and store.beat("replica-a", now=5.0) == []
     assert store.counts() == {"canceled": 1}
+
+
+@pytest.mark.parametrize("header,expected", [("respond-async", True), ("Respond-Async, wait=10", True),
+                                             ("wait=5, respond-async", True), ("return=minimal", False),
+                                             (None, False), ("respond-asynchronously", False)])
+def test_prefer_respond_async_is_read_as_rfc_7240_writes_it(header, expected):
+    from deployments.jobs_api import wants_async
+
+    assert wants_async(header) is expected
