@@ -110,11 +110,13 @@ def test_a_cancelled_queued_job_never_runs(http, base_url):
         while http.get(f"{F}/v1/load").json()["tiers"]["slowbuiltin"]["used"] < 1:
             assert time.monotonic() < deadline and not holder.done(), "the holding render never started"
             time.sleep(0.05)
-        queued = _submit(http, model="slowbuiltin", seed=5, user_tier="enterprise")  # may wait for the slot
+        # Enterprise may wait at the door for the route's one slot (its only tier: no fallback to run on instead).
+        queued = _submit(http, model="slowbuiltin_only", seed=5, user_tier="enterprise")
         assert queued.status_code == 202, queued.text
         jid = queued.json()["id"]
         assert http.get(f"{F}/v1/jobs/{jid}").json()["status"] == "queued"
-        assert http.post(f"{F}/v1/jobs/{jid}/cancel").json()["status"] == "canceled"
+        cancelled = http.post(f"{F}/v1/jobs/{jid}/cancel").json()
+        assert cancelled["status"] == "canceled" and cancelled["progress"]["stage"] != "generate", cancelled
         assert holder.result().status_code == 200
     time.sleep(1)
     assert _batches(http, "slowbuiltin") == before + 1  # the holder's batch only
@@ -129,7 +131,7 @@ def test_a_saturated_system_refuses_the_async_post(http, base_url):
         while http.get(f"{F}/v1/load").json()["tiers"]["slowbuiltin"]["used"] < 1:
             assert time.monotonic() < deadline and not holder.done(), "the holding render never started"
             time.sleep(0.05)
-        refused = http.post(f"{F}/v1/images/generations", json={**BODY, "model": "slowbuiltin"},
+        refused = http.post(f"{F}/v1/images/generations", json={**BODY, "model": "slowbuiltin_only"},
                             headers={**ASYNC, "X-Request-ID": "refused-async-job"})
         assert refused.status_code == 503 and int(refused.headers["retry-after"]) >= 1, refused.text
         assert http.get(f"{F}/v1/jobs/refused-async-job").status_code == 404  # no job that waits forever
