@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 
 from ray.exceptions import (
     LocalRayletDiedError,
@@ -65,15 +66,42 @@ async def call_within(response, deadline: float | None, stage: str, attempt_dead
         raise StageFailed(stage, f"stage {stage} failed: {type(e).__name__}") from None
 
 
-async def attempt(handle, tier: str, job: GenerateJob, decision: RouteDecision,
-                  deadline: float) -> tuple[str | None, str, GenerateResult | None]:
-    """One model attempt on a tier -> (failure reason or None, detail, result): what the chain walk decides on."""
+class Streamed:
+    """A streamed generator call (`generate_stream`) awaited like a plain one: its events go to `on_event` as they
+    come, its last item is the result; cancelling it cancels the stream (the replica stops at its next step)."""
+
+    def __init__(self, stream, on_event: Callable[[dict], None]):
+        self.stream, self.on_event = stream, on_event
+
+    def __await__(self):
+        return self._result().__await__()
+
+    async def _result(self) -> GenerateResult:
+        try:
+            async for item in self.stream:
+                if isinstance(item, GenerateResult):
+                    return item
+                self.on_event(item)
+        except asyncio.CancelledError:  # a cancelled job: the replica must hear it (and stop at its next step)
+            self.stream.cancel()
+            raise
+        raise StageFailed("generate", "the generator's stream ended without a result")
+
+    def cancel(self) -> None:
+        self.stream.cancel()
+
+
+async def attempt(handle, tier: str, job: GenerateJob, decision: RouteDecision, deadline: float,
+                  on_event: Callable[[dict], None] | None = None) -> tuple[str | None, str, GenerateResult | None]:
+    """One model attempt on a tier -> (failure reason or None, detail, result): what the chain walk decides on.
+    With `on_event` (an async job) the call is streamed: each step and stage reaches it as it happens."""
     attempt_deadline = None
     if decision.attempt_timeout_ms:
         attempt_deadline = time.perf_counter() + decision.attempt_timeout_ms / 1000
+    call = (handle.generate.remote(job) if on_event is None
+            else Streamed(handle.options(stream=True).generate_stream.remote(job), on_event))
     try:
-        result = await call_within(handle.generate.remote(job), deadline, f"generate:{tier}",
-                                   attempt_deadline=attempt_deadline)
+        result = await call_within(call, deadline, f"generate:{tier}", attempt_deadline=attempt_deadline)
     except AttemptTimeout:
         return "deadline", f"no answer within attempt_timeout_ms={decision.attempt_timeout_ms}", None
     except ReplicaDied as e:

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable
 
 import ray
 from ray import serve
@@ -28,6 +29,10 @@ from graph.cost import price_card
 from graph.schemas import GenerateJob, GenerateResult, TypographySpec
 
 log = logging.getLogger("prism.generator")
+
+
+class RenderCancelled(Exception):
+    """Raised at a denoising step once every job of the batch was cancelled: the model stops, the slot frees."""
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=8)
@@ -53,6 +58,9 @@ class Generator:
         # Renders held, by the ingress replica that sent them; EWMA seconds of one job here (queue excluded).
         self.inflight, self.by_caller, self.service_s = 0, Counter(), None
         self.metrics, self.unavailable_gauge = _metrics(), _unavailable_gauge()
+        # Async jobs: who listens to a request's progress here, and the requests whose caller cancelled them.
+        self.watchers: dict[str, Callable[[dict], None]] = {}
+        self.cancelled: set[str] = set()
         ctx = serve.get_replica_context()
         self.reporter = LoadReporter(ctx.app_name, tier or ctx.deployment.removeprefix("Generator_"),
                                      ctx.replica_id.unique_id,
@@ -72,6 +80,9 @@ class Generator:
                 result = await self.backlog.submit(job, size=job.n, key=key)
         except asyncio.CancelledError:
             self.stats["cancelled"] += 1  # the client went away; Serve cancelled this request
+            if len(self.cancelled) > 10_000:  # ids of jobs cancelled before their batch ran: never looked up again
+                self.cancelled.clear()
+            self.cancelled.add(job.request_id)  # a batch of only cancelled jobs stops at its next step
             raise
         finally:
             self.inflight -= 1
@@ -87,6 +98,44 @@ class Generator:
             self.health.ok()  # the model just rendered: as good as a passing probe
         return result
 
+    async def generate_stream(self, job: GenerateJob):
+        """`generate`, streamed (an async job's call): each denoising step and finishing stage as an event dict as
+        it happens, then the GenerateResult. Cancelled by the caller, the render stops at its next step."""
+        events: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        self.watchers[job.request_id] = lambda event: loop.call_soon_threadsafe(events.put_nowait, event)
+        render = asyncio.ensure_future(self.generate(job))
+        try:
+            while not render.done():
+                getter = asyncio.ensure_future(events.get())
+                await asyncio.wait({getter, render}, return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
+                    yield getter.result()
+                else:
+                    getter.cancel()
+            while not events.empty():
+                yield events.get_nowait()
+            yield render.result()
+        finally:
+            self.watchers.pop(job.request_id, None)
+            render.cancel()
+
+    def _events_of(self, jobs: list[GenerateJob]) -> Callable[[int | None, dict], None] | None:
+        """What the renderer calls with progress: each watched job hears its batch's steps and its own stages; once
+        every job of the batch is cancelled, the next step raises and the model stops."""
+        ids = [job.request_id for job in jobs]
+        if not any(rid in self.watchers for rid in ids):
+            return None
+
+        def on_event(index: int | None, event: dict) -> None:
+            if index is None and all(rid in self.cancelled for rid in ids):
+                raise RenderCancelled(f"every job of this batch was cancelled ({len(ids)})")
+            for i, rid in enumerate(ids):
+                watcher = self.watchers.get(rid)
+                if watcher is not None and (index is None or index == i):
+                    watcher(event)
+        return on_event
+
     async def _run_batch(self, jobs: list[GenerateJob]) -> list[GenerateResult]:
         self.stats["batches"] += 1
         self.metrics.observe(len(jobs), tags={"model": self.spec.name})
@@ -96,7 +145,10 @@ class Generator:
         if delay:  # a simulated model's latency: on the loop, so a cancelled request frees the replica at once
             await asyncio.sleep(delay)
         if not self.remote:
-            return await asyncio.to_thread(self.renderer.render, jobs, steps, guidance)
+            try:
+                return await asyncio.to_thread(self.renderer.render, jobs, steps, guidance, self._events_of(jobs))
+            finally:
+                self.cancelled.difference_update(job.request_id for job in jobs)
         items = self.renderer.items(jobs)
         t0 = time.perf_counter()
         try:

@@ -11,11 +11,12 @@ import logging
 import random
 import time
 
-from fastapi import Request
+from fastapi import Header, Request
 from fastapi.responses import JSONResponse
 from ray import serve
 
 from deployments.calls import attempt
+from deployments.jobs_api import ASYNC_RESPONSES, PREFER_DOC, JobRoutes, wants_async
 from deployments.ops_api import OpsRoutes, app
 from deployments.records_api import RecordRoutes
 from deployments.reports import ReportPoller
@@ -58,7 +59,7 @@ def _ms(t0: float) -> float:
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.2}, max_ongoing_requests=64)
 @serve.ingress(app)
-class Ingress(OpsRoutes, RecordRoutes):
+class Ingress(OpsRoutes, RecordRoutes, JobRoutes):
     def __init__(self, generators: dict, settings: dict):
         """Handles to the tiers, the profile's limits, the intent model, the render store; policy in reconfigure()."""
         self.generators, self.settings = generators, settings
@@ -86,6 +87,7 @@ class Ingress(OpsRoutes, RecordRoutes):
         self.outcomes = Outcomes(self.store, self.writer, self.metrics, self.ledger, self.spend, self.canaries,
                                  self.claims, self.model_of_tier, self.links)
         self.reports = ReportPoller(self.admission, list(generators))
+        self._init_jobs(settings.get("webhooks") or {})  # async jobs (deployments/jobs_api.py)
         self.versions: dict[str, str] = {}  # tier -> model version, as its last render reported it
         app.state.max_body_bytes = settings.get("max_body_bytes", app.state.max_body_bytes)
         app.state.behind_serve_proxy = True
@@ -127,18 +129,29 @@ class Ingress(OpsRoutes, RecordRoutes):
                              notes=trace.notes,
                              timings_ms=trace.timings)
 
-    @app.post("/v1/images/generations", response_model=GenerationResponse)
-    async def generations(self, req: GenerationRequest, request: Request) -> JSONResponse:
-        """OpenAI-compatible image generation through the whole graph."""
+    @app.post("/v1/images/generations", response_model=GenerationResponse, responses=ASYNC_RESPONSES)
+    async def generations(self, req: GenerationRequest, request: Request,
+                          prefer: str | None = Header(None, description=PREFER_DOC)) -> JSONResponse:
+        """OpenAI-compatible image generation through the whole graph; `Prefer: respond-async` makes it a job."""
         trace = Trace(rid=request_id_of(request), req=req, base_url=str(request.base_url).rstrip("/"),
                       caller=caller_of(request))
         trace.ignored = apply_caller(req, trace.caller)
+        if wants_async(prefer):
+            return await self._submit(trace)
+        if req.webhook is not None:
+            raise InvalidRequest("`webhook` needs an async job: send the header `Prefer: respond-async`",
+                                 param="webhook")
         return await self._serve(trace)
 
     # ---- the request's path ------------------------------------------------------------------------
 
     async def _serve(self, trace: Trace) -> JSONResponse:
         """Door, claim the request id, render, record (and count, charge, judge the canary), respond."""
+        door, counted = await self._door(trace)
+        return await self._complete(trace, door, counted)
+
+    async def _door(self, trace: Trace) -> tuple[DoorPass, bool]:
+        """Step 0, answered at once: bad input, no room for this user tier, or the key's own limits."""
         self.reports.start()
         try:
             # 0. The door: bad input (4xx) and, when no tier this request could use has room for its user tier, a
@@ -157,6 +170,11 @@ class Ingress(OpsRoutes, RecordRoutes):
             trace.error = e
             self.outcomes.finish(trace, None)
             raise
+        return door, counted
+
+    async def _complete(self, trace: Trace, door: DoorPass, counted: bool, wait_commit: bool = False) -> JSONResponse:
+        """Past the door: claim the request id, render, record, answer (`wait_commit`: an async job's result is read
+        from its record)."""
         self.inflight += 1
         try:
             stored, claim = await self.claims.claim(trace.rid, lambda: self.outcomes.from_record(trace))
@@ -168,8 +186,9 @@ class Ingress(OpsRoutes, RecordRoutes):
                 trace.error = e
                 self.outcomes.finish(trace, claim)
                 raise
+            trace.emit("record")
             committed = self.outcomes.finish(trace, claim)
-            if trace.req.response_format == "url":  # the links must work at once: wait for the commit
+            if trace.req.response_format == "url" or wait_commit:  # the links must work at once: wait for it
                 await self.outcomes.committed(trace, committed)
                 body.prism.timings_ms["record"] = trace.timings["record"]
         finally:
@@ -183,6 +202,7 @@ class Ingress(OpsRoutes, RecordRoutes):
     async def _render(self, trace: Trace, door: DoorPass) -> GenerationResponse:
         req, timings = trace.req, trace.timings
         # 1. Intent, in this process: MiniLM once, its embedding kept for the built-in models.
+        trace.emit("intent")
         trace.intent, embedding = await self._classify(trace)
         # 2. Route: rules -> brownout -> budget -> canary; the route's latency budget is the request's deadline.
         trace.decision = decision = await self._decide(trace, trace.intent)
@@ -195,6 +215,7 @@ class Ingress(OpsRoutes, RecordRoutes):
         finally:
             door.close()  # decided: the slot it spoke for at the door is taken or free again
         timings["admit"] = _ms(t)
+        trace.emit("generate", tier=ticket.tier, queued_ms=timings["admit"])  # an async job is running from here
         # 4. Render and finish on the tier's replica (post, typography, PNG there), walking the fallback chain.
         trace.seed = req.seed if req.seed is not None else random.randrange(2**31)
         width, height = req.width_height
@@ -258,7 +279,8 @@ class Ingress(OpsRoutes, RecordRoutes):
                     ticket = self.admission.force(tier, trace.req.user_tier)
                 t = time.perf_counter()
                 job.guidance = walk.guidance
-                reason, detail, result = await attempt(self.generators[tier], tier, job, decision, deadline)
+                reason, detail, result = await attempt(self.generators[tier], tier, job, decision, deadline,
+                                                       trace.on_event)
                 if reason == "replica_died":
                     self.admission.replica_died(tier)  # its slots are gone now, before any report says so
                 if result is not None:

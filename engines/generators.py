@@ -286,12 +286,19 @@ class BuiltinEngine:
         return [p["shape"] == "none" and p["background"] == "solid"
                 for p in self.model.parse(list(prompts), embeddings)]
 
+    reports_steps = True  # generate() takes on_step: async jobs see each denoising step, a cancel stops at the next
+
     def generate(self, prompts: list[str], seeds: list[int], steps: int, guidance: float,
-                 embeddings=None) -> list[np.ndarray]:
+                 embeddings=None, on_step=None) -> list[np.ndarray]:
         """Float32 HxWx3 arrays in [0, 1]; NaN/Inf in the latents aborts at that step. `embeddings`: the prompts'
-        MiniLM embeddings when the caller has them (the ingress's intent stage), so MiniLM runs once a prompt."""
+        MiniLM embeddings when the caller has them (the ingress's intent stage), so MiniLM runs once a prompt.
+        `on_step(i, steps)` after each step (it may raise to stop)."""
+        def step(i: int, latents) -> None:
+            _abort_on_nonfinite_step(i, latents)
+            if on_step is not None:
+                on_step(i, int(steps))
         imgs = self.model.generate(list(prompts), list(seeds), int(steps), float(guidance), self.spec.sampler,
-                                   on_step=_abort_on_nonfinite_step, embeddings=embeddings)
+                                   on_step=step, embeddings=embeddings)
         return list(imgs)
 
 

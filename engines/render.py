@@ -61,18 +61,25 @@ class Renderer:
     def items(jobs: list[GenerateJob]) -> list[Item]:
         return [Item(i, job.prompt, job.seed + k, job.embedding) for i, job in enumerate(jobs) for k in range(job.n)]
 
-    def render(self, jobs: list[GenerateJob], steps: int, guidance: float) -> list[GenerateResult]:
-        """The model on every image of the batch, then each job finished (runs in a worker thread)."""
+    def render(self, jobs: list[GenerateJob], steps: int, guidance: float,
+               on_event: Callable[[int | None, dict], None] | None = None) -> list[GenerateResult]:
+        """The model on every image of the batch, then each job finished (runs in a worker thread). `on_event(job,
+        event)` hears each denoising step (job None: the whole batch) and each job's finishing stages; it may raise
+        to stop the model at the next step (every job of the batch was cancelled)."""
         items = self.items(jobs)
         t0 = time.perf_counter()
-        outputs = self._render_splitting(items, steps, guidance)
-        return self.finish(jobs, items, outputs, steps, guidance, time.perf_counter() - t0)
+        on_step = None if on_event is None else (lambda i, n: on_event(None, {"stage": "generate", "step": i + 1,
+                                                                             "steps": n}))
+        outputs = self._render_splitting(items, steps, guidance, on_step)
+        return self.finish(jobs, items, outputs, steps, guidance, time.perf_counter() - t0, on_event=on_event)
 
     def finish(self, jobs: list[GenerateJob], items: list[Item], outputs: list, steps: int, guidance: float,
-               model_s: float, billed: list | None = None) -> list[GenerateResult]:
+               model_s: float, billed: list | None = None, on_event=None) -> list[GenerateResult]:
         """Each job's images (checked renders or failures) finished into its answer."""
         results = []
         for i, job in enumerate(jobs):
+            if on_event is not None:
+                on_event(i, {"stage": "typography" if job.text else "post"})
             mine = [o for it, o in zip(items, outputs, strict=True) if it.job == i]
             usd = [b for it, b in zip(items, billed or [None] * len(items), strict=True) if it.job == i]
             # The batch's model time, shared by image count: what this job's tier charges it for.
@@ -103,27 +110,28 @@ class Renderer:
             result.failure, result.detail = done.failure, done.detail
         return result
 
-    def _render_splitting(self, items: list[Item], steps: int, guidance: float) -> list:
+    def _render_splitting(self, items: list[Item], steps: int, guidance: float, on_step=None) -> list:
         """Render items in one call; on OOM split in halves and retry each part; check every output."""
         prompts, seeds = [it.prompt for it in items], [it.seed for it in items]
         embeddings = [it.embedding for it in items]
         embeddings = embeddings if all(e is not None for e in embeddings) else None
         try:
-            raw = self._generate(prompts, seeds, steps, guidance, embeddings)
+            raw = self._generate(prompts, seeds, steps, guidance, embeddings, on_step)
         except Exception as e:
             if is_oom(e) and len(items) > 1:
                 self.stats["oom_splits"] += 1
                 half = len(items) // 2
-                return (self._render_splitting(items[:half], steps, guidance)
-                        + self._render_splitting(items[half:], steps, guidance))
+                return (self._render_splitting(items[:half], steps, guidance, on_step)
+                        + self._render_splitting(items[half:], steps, guidance, on_step))
             reason = "oom" if is_oom(e) else ("nan" if isinstance(e, FloatingPointError) else "error")
             return [self._failed(Failure.of(e, reason))] * len(items)  # the exception's own `reason` wins
         return self.check(raw, prompts, embeddings)
 
-    def _generate(self, prompts, seeds, steps, guidance, embeddings):
+    def _generate(self, prompts, seeds, steps, guidance, embeddings, on_step=None):
+        kw = {"on_step": on_step} if on_step is not None and getattr(self.engine, "reports_steps", False) else {}
         if embeddings is not None and getattr(self.engine, "takes_embeddings", False):
-            return self.engine.generate(prompts, seeds, steps, guidance, embeddings=embeddings)
-        return self.engine.generate(prompts, seeds, steps, guidance)
+            return self.engine.generate(prompts, seeds, steps, guidance, embeddings=embeddings, **kw)
+        return self.engine.generate(prompts, seeds, steps, guidance, **kw)
 
     def check(self, raw: list, prompts: list[str], embeddings=None) -> list:
         """Each output checked (NaN, blank, size, decodable) into a uint8 image, or its Failure."""

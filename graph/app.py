@@ -29,5 +29,5 @@ def build_app(args: AppArgs) -> Application:
     }
     settings = args.model_dump(
         include={"profile", "max_width", "max_height", "max_body_bytes", "overload_status", "tiers", "records",
-                 "intent", "typography", "auth"})
+                 "intent", "typography", "auth", "webhooks"})
     return Ingress.bind(generators, settings)

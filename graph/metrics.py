@@ -58,6 +58,12 @@ class PrismMetrics:
                             tag_keys=("user_tier", "model"))
         self.canary_rollbacks = Counter("prism_canary_rollbacks_total", description="Automatic canary rollbacks.",
                                         tag_keys=("route",))
+        self.jobs = Counter("prism_jobs_total", description="Async jobs by the status they reached (queued when "
+                            "accepted, then succeeded, failed or canceled).", tag_keys=("status",))
+        self.job_queued = Histogram("prism_job_queued_ms", description="Time an async job waited before its model "
+                                    "started.", boundaries=LATENCY_BOUNDARIES_MS)
+        self.webhooks = Counter("prism_webhook_deliveries_total", description="Webhook delivery attempts by outcome "
+                                "(delivered, retried, failed, refused).", tag_keys=("outcome",))
 
     def tags(self, **values) -> dict[str, str]:
         return {k: bounded(v, self.allowed[k]) if k in self.allowed else str(v) for k, v in values.items()}

@@ -98,13 +98,25 @@ class Outcomes:
             # Another tenant's id looks like any clash: the answer must not say whose it is, or that it exists.
             raise Conflict(f"X-Request-ID {trace.rid!r} was already used for a different request; send a new id",
                            param="X-Request-ID")
+        return await self.stored_answer(trace, rec, "answered from the render record: this X-Request-ID was "
+                                                    "already rendered")
+
+    async def stored_answer(self, trace: Trace, rec: dict | None = None, note: str | None = None) -> dict | None:
+        """The synchronous answer of a committed render, rebuilt from its record (an async job's `result`); None
+        when there is no such successful record or its images are past retention."""
+        if self.store is None:
+            return None
+        rec = rec or await asyncio.to_thread(self.store.get, trace.rid)
+        if rec is None or rec.get("failed") or not rec.get("prism"):
+            return None
         pngs = await asyncio.to_thread(lambda: [self.store.image(trace.rid, i)
                                                 for i in range(len(rec.get("image_hashes") or []))])
         if any(p is None for p in pngs):
-            return None  # its images are past retention: render again
+            return None
         trace.pngs = pngs
         prism = PrismInfo.model_validate({**rec["prism"], "recorded": True})
-        prism.notes.append("answered from the render record: this X-Request-ID was already rendered")
+        if note:
+            prism.notes.append(note)
         return answer_body(GenerationResponse(created=int(rec["created"]), data=[], prism=prism), trace, self.links)
 
     def _judge(self, trace: Trace, rec: dict) -> None:

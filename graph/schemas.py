@@ -54,6 +54,14 @@ class GenerationRequest(BaseModel):
                              description="Exact text the image must carry (1-200 characters).")
     seed: int | None = Field(default=None, ge=0, le=2**32 - 1)
     user_tier: UserTier = "free"
+    # Async jobs (`Prefer: respond-async`): where to report the job, and which events (graph/jobs.py).
+    webhook: str | None = Field(default=None, min_length=8, max_length=2048,
+                                description="Async jobs only: an http(s) URL called (Standard Webhooks signatures) "
+                                            "when the job ends, and on progress if asked.")
+    webhook_events: list[Literal["completed", "progress"]] = Field(
+        default_factory=lambda: ["completed"], min_length=1, max_length=2,
+        description="`completed` (the job ended: succeeded, failed or canceled) and/or `progress` (each stage "
+                    "and denoising step).")
 
     @field_validator("size")
     @classmethod

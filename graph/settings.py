@@ -30,6 +30,16 @@ class IntentSpec(BaseModel):
         default=None, description="Fault injection for tests: while this file exists, classify hangs.")
 
 
+class WebhookSpec(BaseModel):
+    """Where async jobs' webhooks may go (graph/jobs.py): a profile serving on loopback may call loopback receivers;
+    the others call public addresses only, unless a host is allow-listed."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    allow_private: bool = Field(default=False, description="Allow private, loopback and link-local targets.")
+    allow_hosts: list[str] = Field(default_factory=list, description="Hosts allowed whatever they resolve to.")
+
+
 class AppArgs(BaseModel):
     """The application's args block in serve_config*.yaml."""
 
@@ -47,6 +57,7 @@ class AppArgs(BaseModel):
     records: RecordsSpec = Field(default_factory=RecordsSpec, description="Render records: where and how long.")
     intent: IntentSpec = Field(default_factory=IntentSpec)
     auth: AuthSpec = Field(default_factory=AuthSpec, description="API keys: required, optional or off (graph/auth.py).")
+    webhooks: WebhookSpec = Field(default_factory=WebhookSpec, description="Async jobs' webhook targets.")
 
     @model_validator(mode="after")
     def _tier_names(self) -> AppArgs:

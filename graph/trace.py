@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from graph.auth import OPEN_CALLER, Caller
@@ -40,6 +41,7 @@ class Trace:
     base_url: str = ""
     replay_of: str | None = None
     caller: Caller = OPEN_CALLER  # who asked (graph/auth.py): the record's tenant and key
+    on_event: Callable[[dict], None] | None = None  # an async job's progress listener (stages, denoising steps)
     ignored: list[str] = field(default_factory=list)  # body fields the caller may not set (user_tier without a key)
     created: float = field(default_factory=time.time)
     t0: float = field(default_factory=time.perf_counter)
@@ -60,6 +62,11 @@ class Trace:
     prism: dict | None = None
     error: PrismError | None = None
     recorded: bool = False
+
+    def emit(self, stage: str, **fields) -> None:
+        """A stage change of an async job (a synchronous request has no listener)."""
+        if self.on_event is not None:
+            self.on_event({"stage": stage, **fields})
 
     @property
     def status(self) -> int:

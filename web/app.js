@@ -106,13 +106,75 @@ function imageSrc(datum) {
   return datum.url || `data:image/png;base64,${datum.b64_json}`;
 }
 
+async function streamJob(id, onProgress) {
+  // The job's Server-Sent Events, read with fetch (EventSource cannot send the API key): progress events to
+  // onProgress, then the final succeeded / failed / canceled event.
+  const r = await fetch(`${BASE}/v1/jobs/${encodeURIComponent(id)}/events`, { headers: keyHeaders() });
+  if (!r.ok) throw new Error(`${r.status}: the job's event stream`);
+  const reader = r.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    buffer += decoder.decode(value, { stream: true });
+    let cut;
+    while ((cut = buffer.indexOf("\n\n")) >= 0) {
+      const chunk = buffer.slice(0, cut);
+      buffer = buffer.slice(cut + 2);
+      let kind = "message", data = "";
+      for (const line of chunk.split("\n")) {
+        if (line.startsWith("event: ")) kind = line.slice(7);
+        else if (line.startsWith("data: ")) data += line.slice(6);
+      }
+      if (!data) continue;
+      const payload = JSON.parse(data);
+      if (kind === "progress") onProgress(payload.progress || {});
+      else return { kind, payload };
+    }
+  }
+  throw new Error("the job's event stream ended before the job did");
+}
+
+function showProgress(status, bar, t0) {
+  // Live progress from the job's events: the stage, and each denoising step of a self-hosted model.
+  let events = 0;
+  return (p) => {
+    events += 1;
+    bar.dataset.events = String(events);
+    const secs = ((performance.now() - t0) / 1000).toFixed(1);
+    if (p.steps) {
+      bar.max = p.steps;
+      bar.value = p.step;
+      status.textContent = `Generating: step ${p.step}/${p.steps} · ${secs} s`;
+    } else if (p.stage) {
+      status.textContent = `${p.stage[0].toUpperCase()}${p.stage.slice(1)}… ${secs} s`;
+    }
+  };
+}
+
 async function generate(event) {
   event.preventDefault();
   const status = $("status");
-  const stop = ticker(status, "Rendering");
+  const bar = $("gen-progress");
+  status.className = "";
+  bar.hidden = false;
+  bar.value = 0;
+  bar.dataset.events = "0";
+  const t0 = performance.now();
+  const stop = () => (performance.now() - t0) / 1000;
   $("generate").disabled = true;
   try {
-    const r = await api("/v1/images/generations", { method: "POST", body: JSON.stringify(requestBody()) });
+    // An async job (Prefer: respond-async): the page follows its events instead of holding the request.
+    const job = await api("/v1/images/generations", { method: "POST", headers: { Prefer: "respond-async" },
+                                                      body: JSON.stringify(requestBody()) });
+    status.textContent = "Queued…";
+    const end = await streamJob(job.id, showProgress(status, bar, t0));
+    if (end.kind !== "succeeded") {
+      const err = end.payload.error || {};
+      throw new Error(`${end.kind}: ${err.code || ""} ${err.message || ""}${err.request_id ? ` (request ${err.request_id})` : ""}`);
+    }
+    const r = end.payload.result;
     const secs = stop();
     status.textContent = `Done in ${secs.toFixed(1)} s`;
     const img = $("result-image");
@@ -126,7 +188,6 @@ async function generate(event) {
     $("compare-id").value = r.prism.request_id;
     loadHistory();
   } catch (e) {
-    stop();
     status.textContent = e.message;
     status.className = "warn";
   } finally {

@@ -4,6 +4,7 @@ The app is deployed exactly as `serve run serve_config.yaml` / `serve deploy` do
 handed to the Serve controller), so the YAML's args, deployment options and routing user_config are tested.
 """
 
+import base64
 import copy
 import os
 import re
@@ -37,6 +38,9 @@ APPS = ("prism", "faults", "keyed")
 # --metrics-export-port` does on a cluster.
 METRICS_PORT = int(os.environ.setdefault("PRISM_TEST_METRICS_PORT", str(free_port(PORT + 999))))
 REMOTE_KEY_ENV = "PRISM_TEST_REMOTE_KEY"
+# What async jobs sign webhooks with (the replicas inherit it); a test-only secret.
+WEBHOOK_SECRET = os.environ.setdefault("PRISM_WEBHOOK_SECRET", "whsec_" + base64.b64encode(b"prism-test-webhook-"
+                                                                                             b"secret-32bytes!").decode())
 # Each app records its renders under its own folder of this session's temp dir.
 # In the environment, like the ports: both imports of this file (see PORT) must name the same folder.
 RECORDS_DIR = os.environ.get("PRISM_TEST_RECORDS_DIR") or os.environ.setdefault(
@@ -96,6 +100,11 @@ def faults_app(base_app: dict, extra_tiers: dict | None = None) -> dict:
         "slowish": _fake("sleep", fault_sleep_s=4.0, max_batch_size=1, max_concurrency=4),
         # Killed mid-render by the chaos burst (its own tier: the other tests' replicas are left alone).
         "chaos": _fake("sleep", fault_sleep_s=1.5, max_batch_size=4, max_concurrency=4),
+        # A real built-in model at 150 steps (a few seconds), one render at a time: async jobs' per-step events,
+        # cancelling at a step, a job surviving its ingress replica.
+        "slowbuiltin": {"kind": "builtin", "name": "prism-builtin-small-slow", "config": "small", "native_size": 32,
+                        "steps": 150, "guidance": 2.0, "max_batch_size": 1, "max_concurrency": 1,
+                        "cost": {"usd_per_second": 0.001}},
         # Autoscales 1 -> 2 -> 1 under a few seconds of load (short delays below).
         "scales": _fake("sleep", fault_sleep_s=2.0, max_batch_size=1),
         # Priorities: a 2-s render holds the tier's one slot while paid and free requests arrive.
@@ -120,6 +129,8 @@ def faults_app(base_app: dict, extra_tiers: dict | None = None) -> dict:
         "budget": {"tier": "nan", "fallbacks": ["garbage", "ok"], "max_latency_ms": 20000, "max_attempts": 2},
         "bp": {"tier": "held", "fallbacks": [], "max_latency_ms": 30000},
         "prio": {"tier": "prio", "fallbacks": [], "max_latency_ms": 20000},
+        # The slow built-in model with nothing to fall back to: while it renders, its one slot is the route's only.
+        "slowbuiltin_only": {"tier": "slowbuiltin", "fallbacks": [], "max_latency_ms": 20000},
         "dies": {"tier": "dies", "fallbacks": ["ok"], "max_latency_ms": 60000},
         "brown": {"tier": "held2", "fallbacks": [], "max_latency_ms": 30000,
                   "brownout": {"max_inflight": 1, "route": "ok"}},
@@ -148,6 +159,7 @@ def faults_app(base_app: dict, extra_tiers: dict | None = None) -> dict:
             # Auth off: these tests drive the HTTP surface as trusted callers (a gateway's view), saying user tiers
             # in the body; keys and tenants are tested on the /keyed app.
             "args": {"profile": "faults", "max_width": 256, "max_height": 256, "tiers": tiers, "auth": {"mode": "off"},
+                     "webhooks": {"allow_private": True},  # the tests' receivers listen on loopback
                      "records": {"dir": os.path.join(RECORDS_DIR, "faults")},
                      "intent": {"timeout_s": 3, "fault_marker_path": INTENT_HANG_MARKER},
                      "post": {"backend": "realesrgan"},

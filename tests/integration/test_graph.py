@@ -157,6 +157,9 @@ def test_the_operator_routes_need_an_admin_key_even_where_keys_are_optional(http
 
 def test_openapi_documents_the_contract(http):
     spec = http.get("/openapi.json").json()
-    assert {"/v1/images/generations", "/v1/route", "/healthz"} <= set(spec["paths"])
+    assert {"/v1/images/generations", "/v1/route", "/healthz", "/v1/jobs/{jid}", "/v1/jobs/{jid}/events",
+            "/v1/jobs/{jid}/cancel"} <= set(spec["paths"])
+    post = spec["paths"]["/v1/images/generations"]["post"]
+    assert "prefer" in [p["name"].lower() for p in post["parameters"]] and "202" in post["responses"]
     props = spec["components"]["schemas"]["GenerationRequest"]["properties"]
     assert props["n"]["maximum"] == 4 and props["prompt"]["maxLength"] == 4000

@@ -51,6 +51,8 @@ def test_generate_route_only_compare_and_history(page):
     page.wait_for_selector("#status:has-text('Done in')", timeout=120_000)
     _image_loaded(page, "#result-image")
     assert page.eval_on_selector("#result-image", "i => i.naturalWidth") == 128
+    # The render ran as an async job whose events the page followed (the first one, the job's state, always comes).
+    assert int(page.eval_on_selector("#gen-progress", "p => p.dataset.events")) >= 1
     facts = page.inner_text("#result-facts")
     assert "Route" in facts and "rule" in facts and "prism-builtin-small" in facts and "Cost" in facts
     rid = page.input_value("#compare-id")

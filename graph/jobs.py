@@ -1,0 +1,200 @@
+"""Async jobs (issue 18), the parts without Ray: the job table in the records database, the webhook signature of the
+Standard Webhooks specification, which webhook targets a profile allows (SSRF), and when to retry a delivery.
+
+Standard Webhooks (https://www.standardwebhooks.com/, spec "Signature scheme"): headers `webhook-id`,
+`webhook-timestamp` (unix seconds) and `webhook-signature` = space-separated `v1,<base64 HMAC-SHA256>` over
+`<webhook-id>.<webhook-timestamp>.<raw body>`, keyed with the base64-decoded part of a `whsec_` secret.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import ipaddress
+import json
+import socket
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit
+
+from graph.records import BUSY_TIMEOUT_MS, ensure_schema
+
+JobStatus = Literal["queued", "running", "succeeded", "failed", "canceled"]
+TERMINAL = frozenset({"succeeded", "failed", "canceled"})
+SECRET_PREFIX = "whsec_"
+# Seconds before each retry of a failed delivery: quick first (a receiver restarting), then backing off to 10 min.
+RETRY_DELAYS_S = (1.0, 5.0, 30.0, 120.0, 600.0)
+TIMESTAMP_TOLERANCE_S = 300  # what the spec recommends a receiver accept
+
+
+# ---- webhook signatures ---------------------------------------------------------------------------------------
+
+def _key(secret: str) -> bytes:
+    if not secret.startswith(SECRET_PREFIX):
+        raise ValueError(f"a webhook secret must start with {SECRET_PREFIX!r}")
+    return base64.b64decode(secret[len(SECRET_PREFIX):])
+
+
+def sign_webhook(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
+    """The `webhook-signature` header value for one delivery."""
+    mac = hmac.new(_key(secret), f"{msg_id}.{timestamp}.".encode() + body, hashlib.sha256).digest()
+    return f"v1,{base64.b64encode(mac).decode()}"
+
+
+def verify_webhook(secret: str, headers: dict[str, str], body: bytes, now: float | None = None) -> bool:
+    """What a receiver does (the README's example): every header present, the timestamp within 5 minutes, one of
+    the signatures matching in constant time."""
+    h = {k.lower(): v for k, v in headers.items()}
+    msg_id, stamp, given = h.get("webhook-id"), h.get("webhook-timestamp"), h.get("webhook-signature")
+    if not (msg_id and stamp and given and stamp.isdigit()):
+        return False
+    if abs((time.time() if now is None else now) - int(stamp)) > TIMESTAMP_TOLERANCE_S:
+        return False
+    expected = sign_webhook(secret, msg_id, int(stamp), body)
+    return any(hmac.compare_digest(expected, sig) for sig in given.split())
+
+
+def retry_delay(attempt: int) -> float | None:
+    """Seconds to wait before delivery attempt `attempt + 1` (attempt counts from 1); None: give up."""
+    return RETRY_DELAYS_S[attempt - 1] if 1 <= attempt <= len(RETRY_DELAYS_S) else None
+
+
+# ---- which targets a profile allows ---------------------------------------------------------------------------
+
+def resolve_host(host: str) -> list[str]:
+    return sorted({info[4][0] for info in socket.getaddrinfo(host, None)})
+
+
+def webhook_refusal(url: str, allow_private: bool, allow_hosts: Iterable[str] = (),
+                    resolve: Callable[[str], list[str]] = resolve_host) -> str | None:
+    """Why Prism will not call this URL, or None. A profile that serves on loopback may call loopback receivers;
+    others refuse private, loopback, link-local and other non-public addresses (the cloud metadata service at
+    169.254.169.254 first of all) unless the host is named in the allow-list. Every address the name resolves to
+    is checked, and the check is repeated at delivery time (a name may be re-pointed after the request)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "must be an http(s) URL with a host"
+    if parts.username or parts.password:
+        return "must not carry credentials"
+    host = parts.hostname.lower()
+    if host in {h.lower() for h in allow_hosts}:
+        return None
+    try:
+        addresses = [ipaddress.ip_address(host)] if _is_ip(host) else [ipaddress.ip_address(a) for a in resolve(host)]
+    except (OSError, ValueError):
+        return f"host {host!r} does not resolve"
+    for addr in addresses:
+        if not addr.is_global and not allow_private:
+            return (f"host {host!r} is a non-public address ({addr}); this profile calls only public receivers "
+                    "(add the host to webhooks.allow_hosts to allow it)")
+    return None
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
+
+
+# ---- the job table --------------------------------------------------------------------------------------------
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    tenant TEXT,
+    status TEXT NOT NULL,
+    created REAL NOT NULL,
+    updated REAL NOT NULL,
+    owner TEXT,
+    heartbeat REAL NOT NULL,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    body TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS jobs_live ON jobs(status, heartbeat);
+"""
+
+
+class JobStore:
+    """Jobs beside the renders (`renders.db`): every ingress replica sees every job; a job whose replica stopped
+    beating is adopted by another (`adopt`), so a restart does not lose it."""
+
+    def __init__(self, directory: str | Path):
+        self._lock = threading.Lock()
+        self._conn = sqlite3.connect(Path(directory) / "renders.db", isolation_level=None, check_same_thread=False,
+                                     timeout=BUSY_TIMEOUT_MS / 1000)
+        self._conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        self._conn.execute("PRAGMA journal_mode = WAL")
+        ensure_schema(self._conn)
+        self._conn.executescript(f"BEGIN IMMEDIATE;{_SCHEMA}COMMIT;")
+
+    def create(self, job_id: str, tenant: str, owner: str, body: dict, now: float | None = None) -> bool:
+        """A new queued job; False when the id exists already (the same X-Request-ID sent again)."""
+        now = time.time() if now is None else now
+        with self._lock:
+            cur = self._conn.execute(
+                "INSERT OR IGNORE INTO jobs (id, tenant, status, created, updated, owner, heartbeat, body) "
+                "VALUES (?, ?, 'queued', ?, ?, ?, ?, ?)", (job_id, tenant, now, now, owner, now, json.dumps(body)))
+        return cur.rowcount == 1
+
+    def get(self, job_id: str) -> dict | None:
+        with self._lock:
+            row = self._conn.execute("SELECT id, tenant, status, created, updated, owner, cancel_requested, body "
+                                     "FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            return None
+        keys = ("id", "tenant", "status", "created", "updated", "owner", "cancel_requested")
+        return {**json.loads(row[7]), **dict(zip(keys, row[:7], strict=True))}
+
+    def update(self, job_id: str, status: str | None = None, now: float | None = None, **fields) -> None:
+        """Merge `fields` into the job's body (progress, error, deliveries, ...), and set its status."""
+        now = time.time() if now is None else now
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                row = self._conn.execute("SELECT body, status FROM jobs WHERE id = ?", (job_id,)).fetchone()
+                if row is not None:
+                    body = {**json.loads(row[0]), **fields}
+                    new = row[1] if status is None or row[1] in TERMINAL else status  # an ended job stays ended
+                    self._conn.execute("UPDATE jobs SET body = ?, status = ?, updated = ? WHERE id = ?",
+                                       (json.dumps(body), new, now, job_id))
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+
+    def request_cancel(self, job_id: str) -> None:
+        with self._lock:
+            self._conn.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
+
+    def beat(self, owner: str, now: float | None = None) -> list[str]:
+        """Mark this replica's live jobs as alive; the ids among them whose cancel was asked on another replica."""
+        now = time.time() if now is None else now
+        with self._lock:
+            self._conn.execute("UPDATE jobs SET heartbeat = ? WHERE owner = ? AND status IN ('queued', 'running')",
+                               (now, owner))
+            rows = self._conn.execute("SELECT id FROM jobs WHERE owner = ? AND cancel_requested = 1 AND status IN "
+                                      "('queued', 'running')", (owner,)).fetchall()
+        return [r[0] for r in rows]
+
+    def adopt(self, owner: str, stale_s: float, now: float | None = None) -> list[dict]:
+        """Take over the live jobs whose replica has not beaten for `stale_s` (it died or was replaced)."""
+        now = time.time() if now is None else now
+        with self._lock:
+            rows = self._conn.execute(
+                "UPDATE jobs SET owner = ?, heartbeat = ?, updated = ? WHERE status IN ('queued', 'running') AND "
+                "heartbeat < ? RETURNING id", (owner, now, now, now - stale_s)).fetchall()
+        return [job for job in (self.get(r[0]) for r in rows) if job is not None]
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._conn.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetchall())
+
+    def close(self) -> None:
+        self._conn.close()
