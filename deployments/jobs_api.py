@@ -72,12 +72,12 @@ class JobRoutes:
     async def get_job(self, jid: str, request: Request) -> dict:
         """An async job: status, progress while running, `result` (the synchronous answer) or `error` once ended."""
         self._start_job_loop()
-        return await self._job_view(self._job_of(jid, caller_of(request)))
+        return await self._job_view(await self._job_of(jid, caller_of(request)))
 
     @app.post("/v1/jobs/{jid}/cancel")
     async def cancel_job(self, jid: str, request: Request) -> dict:
         """Cancel: a queued job never runs; a running one stops at its next step and frees its slot."""
-        job = self._job_of(jid, caller_of(request))
+        job = await self._job_of(jid, caller_of(request))
         if job["status"] not in TERMINAL:
             task = self.job_tasks.get(jid)
             if task is not None:
@@ -86,15 +86,15 @@ class JobRoutes:
             else:  # another replica runs it: it sees the request on its next beat
                 await asyncio.to_thread(self.jobs.request_cancel, jid)
                 deadline = time.monotonic() + 10
-                while time.monotonic() < deadline and self.jobs.get(jid)["status"] not in TERMINAL:
+                while time.monotonic() < deadline and (await self._job(jid))["status"] not in TERMINAL:
                     await asyncio.sleep(0.1)
-        return await self._job_view(self.jobs.get(jid))
+        return await self._job_view(await self._job(jid))
 
     @app.get("/v1/jobs/{jid}/events")
     async def job_events(self, jid: str, request: Request) -> StreamingResponse:
         """Server-Sent Events: the current state first, then a `progress` event per stage and denoising step, and a
         final `succeeded`, `failed` or `canceled` event with the job."""
-        job = self._job_of(jid, caller_of(request))
+        job = await self._job_of(jid, caller_of(request))
         return StreamingResponse(self._job_stream(job), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
@@ -106,7 +106,7 @@ class JobRoutes:
             raise NotSupported("async jobs live in the render store: enable records (app args records.enabled)",
                                param="Prefer")
         await self._check_webhook(trace.req)
-        existing = self.jobs.get(trace.rid)
+        existing = await self._job(trace.rid)
         if existing is not None:  # the same X-Request-ID again: the same job, not a second one
             if not can_see(trace.caller, existing.get("tenant")):
                 raise Conflict(f"X-Request-ID {trace.rid!r} was already used for a different request; send a new id",
@@ -124,7 +124,7 @@ class JobRoutes:
             raise Conflict(f"X-Request-ID {trace.rid!r} was already used; send a new id", param="X-Request-ID")
         self.metrics.jobs.inc(tags={"status": "queued"})
         self._launch(trace, door, counted)
-        return self._accepted(await self._job_view(self.jobs.get(trace.rid)))
+        return self._accepted(await self._job_view(await self._job(trace.rid)))
 
     def _accepted(self, view: dict) -> JSONResponse:
         return JSONResponse(view, status_code=202, headers={"Location": f"/v1/jobs/{view['id']}"})
@@ -173,10 +173,10 @@ class JobRoutes:
     async def _end_job(self, jid: str, status: str, fields: dict) -> None:
         await asyncio.to_thread(self.jobs.update, jid, status, ended=time.time(), **fields)
         self.metrics.jobs.inc(tags={"status": status})
-        view = await self._job_view(self.jobs.get(jid))
+        view = await self._job_view(await self._job(jid))
         for queue in self.job_listeners.get(jid, ()):
             queue.put_nowait((status, view))
-        job = self.jobs.get(jid)
+        job = await self._job(jid)
         if job.get("request", {}).get("webhook"):
             asyncio.ensure_future(self._deliver(jid, "completed", {"type": f"image.generation.{status}", "data": view}))
 
@@ -219,7 +219,7 @@ class JobRoutes:
                         continue
                 else:  # another replica runs it (or it just ended): follow the store
                     await asyncio.sleep(STORE_EVERY_S)
-                    current = self.jobs.get(jid)
+                    current = await self._job(jid)
                     if current["status"] in TERMINAL:
                         kind, data = current["status"], await self._job_view(current)
                     elif current.get("progress") != last:
@@ -239,8 +239,12 @@ class JobRoutes:
 
     # ---- what a caller sees ----------------------------------------------------------------------------------
 
-    def _job_of(self, jid: str, caller: Caller) -> dict:
-        job = self.jobs.get(jid) if self.jobs is not None else None
+    async def _job(self, jid: str) -> dict | None:
+        """The job's row, read off the event loop (the store's lock may be held by a writer thread)."""
+        return await asyncio.to_thread(self.jobs.get, jid)
+
+    async def _job_of(self, jid: str, caller: Caller) -> dict:
+        job = await self._job(jid) if self.jobs is not None else None
         if job is None or not can_see(caller, job.get("tenant")):
             raise NotFound(f"no job {jid!r}", param="id")
         return job
@@ -267,7 +271,7 @@ class JobRoutes:
         """POST one event, signed (Standard Webhooks), retried with backoff; every attempt is recorded on the job.
         The target is checked again at each attempt (a name may have been re-pointed) and redirects are not
         followed."""
-        job = self.jobs.get(jid)
+        job = await self._job(jid)
         url = job["request"]["webhook"]
         if event not in (job["request"].get("webhook_events") or ["completed"]):
             return
@@ -297,7 +301,7 @@ class JobRoutes:
             self.metrics.webhooks.inc(tags={"outcome": outcome})
             record = {"event": event, "id": msg_id, "attempt": attempt, "status": status, "error": error,
                       "outcome": outcome, "at": time.time()}
-            deliveries = (self.jobs.get(jid).get("deliveries") or []) + [record]
+            deliveries = ((await self._job(jid)).get("deliveries") or []) + [record]
             await asyncio.to_thread(self.jobs.update, jid, None, deliveries=deliveries)
             if delay is None:
                 return
