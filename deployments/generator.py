@@ -128,7 +128,7 @@ class Generator:
             return None
 
         def on_event(index: int | None, event: dict) -> None:
-            if index is None and all(rid in self.cancelled for rid in ids):
+            if "step" in event and all(rid in self.cancelled for rid in ids):
                 raise RenderCancelled(f"every job of this batch was cancelled ({len(ids)})")
             for i, rid in enumerate(ids):
                 watcher = self.watchers.get(rid)

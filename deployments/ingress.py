@@ -221,7 +221,8 @@ class Ingress(OpsRoutes, RecordRoutes, JobRoutes):
         width, height = req.width_height
         job = GenerateJob(prompt=req.prompt, seed=trace.seed, n=req.n, steps=decision.steps,
                           guidance=decision.guidance, request_id=trace.rid, width=width, height=height,
-                          text=trace.intent.text_to_render, embedding=embedding, caller=self.me)
+                          text=trace.intent.text_to_render, embedding=embedding, caller=self.me,
+                          previews=req.previews and trace.on_event is not None)
         t = time.perf_counter()
         result, tier = await self._generate(job, decision, ticket, deadline, trace)
         timings["generate"] = _ms(t)

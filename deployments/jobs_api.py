@@ -187,8 +187,9 @@ class JobRoutes:
             asyncio.ensure_future(asyncio.to_thread(self.jobs.update, jid, "running"))
             self.metrics.job_queued.observe(event["queued_ms"])
         progress = {k: v for k, v in event.items() if k in ("stage", "step", "steps", "tier")}
-        for queue in self.job_listeners.get(jid, ()):
-            queue.put_nowait(("progress", progress))
+        for queue in self.job_listeners.get(jid, ()):  # listeners get the preview too; the store keeps no pixels
+            queue.put_nowait(("progress", {**progress, **({"preview": event["preview"]} if "preview" in event
+                                                            else {})}))
         last_at, last_stage = self.job_stored_at.get(jid, (0.0, ""))
         now = time.monotonic()
         if progress["stage"] != last_stage or now - last_at >= STORE_EVERY_S or progress.get("step") == \

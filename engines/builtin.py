@@ -163,8 +163,12 @@ class BuiltinModel:
                 x = sched.step(v, t, x).prev_sample
                 if on_step is not None:
                     on_step(i, x)
+        return self.images(x)
+
+    def images(self, x) -> np.ndarray:
+        """Samples (the final ones, or a step's, for a preview) as float32 (N, H, W, 3) images in [0, 1]."""
         if self.patch > 1:
-            x = torch.nn.functional.pixel_shuffle(x, self.patch)
+            x = self.torch.nn.functional.pixel_shuffle(x, self.patch)
         return ((x.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).float().cpu().numpy()
 
     def generate(self, prompts: list[str], seeds: list[int], steps: int, guidance: float,

@@ -292,11 +292,11 @@ class BuiltinEngine:
                  embeddings=None, on_step=None) -> list[np.ndarray]:
         """Float32 HxWx3 arrays in [0, 1]; NaN/Inf in the latents aborts at that step. `embeddings`: the prompts'
         MiniLM embeddings when the caller has them (the ingress's intent stage), so MiniLM runs once a prompt.
-        `on_step(i, steps)` after each step (it may raise to stop)."""
+        `on_step(i, steps, preview)` after each step (it may raise to stop); `preview()` gives that step's images."""
         def step(i: int, latents) -> None:
             _abort_on_nonfinite_step(i, latents)
             if on_step is not None:
-                on_step(i, int(steps))
+                on_step(i, int(steps), lambda: self.model.images(latents))
         imgs = self.model.generate(list(prompts), list(seeds), int(steps), float(guidance), self.spec.sampler,
                                    on_step=step, embeddings=embeddings)
         return list(imgs)

@@ -19,6 +19,38 @@ from engines.generators import ModelSpec, is_oom
 from graph.schemas import GenerateJob, GenerateResult
 
 
+def _step_events(jobs: list[GenerateJob], items: list, on_event) -> Callable:
+    """A denoising step's event for the batch, with a small PNG preview of its first image for each job that asked
+    (`previews`): made only then, from the step's samples."""
+    wanted = [i for i, job in enumerate(jobs) if job.previews]
+
+    def on_step(i: int, n: int, preview: Callable | None = None) -> None:
+        event = {"stage": "generate", "step": i + 1, "steps": n}
+        if not wanted or preview is None:
+            return on_event(None, event)
+        images = preview()
+        for j in range(len(jobs)):
+            first = next((k for k, it in enumerate(items) if it.job == j), None)
+            if j in wanted and first is not None and len(images) == len(items):  # not after an OOM split
+                on_event(j, {**event, "preview": png_data_url(images[first])})
+            else:
+                on_event(j, event)
+    return on_step
+
+
+def png_data_url(image) -> str:
+    """A float [0, 1] HxWx3 image as a `data:image/png;base64,...` URL (a preview is 32x32: about a kilobyte)."""
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray((np.clip(image, 0, 1) * 255).astype("uint8")).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
 @dataclass
 class Failure:
     """Why one image has no render: a reason code and its detail (and a hosted API's Retry-After)."""
@@ -68,8 +100,7 @@ class Renderer:
         to stop the model at the next step (every job of the batch was cancelled)."""
         items = self.items(jobs)
         t0 = time.perf_counter()
-        on_step = None if on_event is None else (lambda i, n: on_event(None, {"stage": "generate", "step": i + 1,
-                                                                             "steps": n}))
+        on_step = None if on_event is None else _step_events(jobs, items, on_event)
         outputs = self._render_splitting(items, steps, guidance, on_step)
         return self.finish(jobs, items, outputs, steps, guidance, time.perf_counter() - t0, on_event=on_event)
 

@@ -58,6 +58,8 @@ class GenerationRequest(BaseModel):
     webhook: str | None = Field(default=None, min_length=8, max_length=2048,
                                 description="Async jobs only: an http(s) URL called (Standard Webhooks signatures) "
                                             "when the job ends, and on progress if asked.")
+    previews: bool = Field(default=False, description="Async jobs: each denoising step's progress event carries a "
+                                                      "small PNG preview (self-hosted built-in tiers).")
     webhook_events: list[Literal["completed", "progress"]] = Field(
         default_factory=lambda: ["completed"], min_length=1, max_length=2,
         description="`completed` (the job ended: succeeded, failed or canceled) and/or `progress` (each stage "
@@ -227,6 +229,7 @@ class GenerateJob:
     # instead of embedding the prompt again.
     embedding: list[float] | None = None
     caller: str = ""  # the ingress replica that sent it: replicas report their load by caller (admission)
+    previews: bool = False  # an async job that asked for a preview image with each step's event
 
 
 @dataclass

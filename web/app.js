@@ -73,7 +73,7 @@ function ticker(statusEl, what) {
 
 function requestBody() {
   const body = { prompt: $("prompt").value.trim(), size: $("size").value, quality: $("quality").value,
-                 user_tier: $("user_tier").value, response_format: "url" };
+                 user_tier: $("user_tier").value, response_format: "url", previews: true };
   if ($("text").value.trim()) body.text = $("text").value.trim();
   if ($("seed").value !== "") body.seed = Number($("seed").value);
   return body;
@@ -143,6 +143,11 @@ function showProgress(status, bar, t0) {
     events += 1;
     bar.dataset.events = String(events);
     const secs = ((performance.now() - t0) / 1000).toFixed(1);
+    if (p.preview) {  // the step's samples, 32x32, scaled up by the browser
+      $("result-image").src = p.preview;
+      $("result-caption").textContent = `preview at step ${p.step}`;
+      $("result").hidden = false;
+    }
     if (p.steps) {
       bar.max = p.steps;
       bar.value = p.step;

@@ -130,7 +130,9 @@ def faults_app(base_app: dict, extra_tiers: dict | None = None) -> dict:
         "bp": {"tier": "held", "fallbacks": [], "max_latency_ms": 30000},
         "prio": {"tier": "prio", "fallbacks": [], "max_latency_ms": 20000},
         # The slow built-in model with nothing to fall back to: while it renders, its one slot is the route's only.
-        "slowbuiltin_only": {"tier": "slowbuiltin", "fallbacks": [], "max_latency_ms": 20000},
+        # 60-s deadlines: a first render on a fresh replica of a loaded 2-core machine took past 20 s (a 504).
+        "slowbuiltin_only": {"tier": "slowbuiltin", "fallbacks": [], "max_latency_ms": 60000},
+        "slowbuiltin": {"tier": "slowbuiltin", "fallbacks": ["ok"], "max_latency_ms": 60000},
         "dies": {"tier": "dies", "fallbacks": ["ok"], "max_latency_ms": 60000},
         "brown": {"tier": "held2", "fallbacks": [], "max_latency_ms": 30000,
                   "brownout": {"max_inflight": 1, "route": "ok"}},

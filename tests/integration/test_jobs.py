@@ -2,14 +2,17 @@
 job; polling, Server-Sent Events per denoising step of a real built-in model (`slowbuiltin`: 150 steps, one render
 at a time), cancel, signed webhooks to a local receiver, a job outliving its ingress replica, and the door."""
 
+import base64
 import concurrent.futures
 import http.server
+import io
 import json
 import threading
 import time
 
 import httpx
 import pytest
+from PIL import Image
 
 from graph.jobs import verify_webhook
 from tests.integration.conftest import WEBHOOK_SECRET, missing_series
@@ -73,15 +76,19 @@ def test_a_job_is_202_at_once_and_polls_to_the_synchronous_answer(http):
 
 
 def test_the_event_stream_has_every_step_of_a_built_in_render_and_the_end(http, base_url):
-    job = _submit(http, model="slowbuiltin", seed=1).json()
+    job = _submit(http, model="slowbuiltin", seed=1, previews=True).json()
     events = _events(base_url, job["id"])
     kinds = [k for k, _ in events]
-    assert kinds[0] == "progress" and kinds[-1] == "succeeded", kinds[:5] + kinds[-3:]
+    assert kinds[0] == "progress" and kinds[-1] == "succeeded", (kinds[:5] + kinds[-3:], events[-1])
     steps = [e["progress"]["step"] for k, e in events if k == "progress" and (e.get("progress") or {}).get("step")]
     assert steps == sorted(steps) and steps[-1] == 150 and len(steps) >= 75, steps[:5]
     stages = [e["progress"]["stage"] for k, e in events if k == "progress" and e.get("progress")]
     assert "post" in stages and "record" in stages and stages.index("post") > stages.index("generate")
     assert events[-1][1]["result"]["prism"]["steps"] == 150
+    previews = [e["progress"]["preview"] for k, e in events
+                if k == "progress" and "preview" in (e.get("progress") or {})]
+    assert len(previews) >= 75, len(previews)  # asked for: a small PNG of the step's samples with each step
+    assert Image.open(io.BytesIO(base64.b64decode(previews[-1].split(",", 1)[1]))).size == (32, 32)
     late = _events(base_url, job["id"])  # connecting after the end: the state, then the end
     assert [k for k, _ in late] == ["progress", "succeeded"]
 
