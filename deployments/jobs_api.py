@@ -317,8 +317,12 @@ class JobRoutes:
     async def _job_loop(self) -> None:
         """Beat for this replica's jobs, cancel those whose cancel reached another replica, and adopt the jobs of a
         replica that went silent (killed, replaced): they run again here, or end `failed` saying why."""
+        beats = 0
         while True:
+            beats += 1
             try:
+                if beats % 600 == 1 and self.store.spec.max_age_days:  # every 10 minutes: the records' retention
+                    await asyncio.to_thread(self.jobs.prune, time.time() - self.store.spec.max_age_days * 86_400)
                 for jid in await asyncio.to_thread(self.jobs.beat, self.me):
                     task = self.job_tasks.get(jid)
                     if task is not None:

@@ -192,6 +192,12 @@ class JobStore:
                 "heartbeat < ? RETURNING id", (owner, now, now, now - stale_s)).fetchall()
         return [job for job in (self.get(r[0]) for r in rows) if job is not None]
 
+    def prune(self, before: float) -> int:
+        """Forget ended jobs last updated before `before` (the records' retention: a job's result is its record)."""
+        with self._lock:
+            return self._conn.execute("DELETE FROM jobs WHERE status IN ('succeeded', 'failed', 'canceled') AND "
+                                      "updated < ?", (before,)).rowcount
+
     def counts(self) -> dict[str, int]:
         with self._lock:
             return dict(self._conn.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetchall())

@@ -81,6 +81,8 @@ def test_an_ended_job_stays_ended_and_a_cancel_reaches_its_owner(tmp_path):
     store.update("j2", status="succeeded", now=4.0)
     assert store.get("j2")["status"] == "canceled" and store.beat("replica-a", now=5.0) == []
     assert store.counts() == {"canceled": 1}
+    store.create("j3", "acme", "replica-a", {}, now=6.0)  # still live: kept however old
+    assert store.prune(before=10.0) == 1 and store.get("j2") is None and store.get("j3") is not None
 
 
 @pytest.mark.parametrize("header,expected", [("respond-async", True), ("Respond-Async, wait=10", True),
