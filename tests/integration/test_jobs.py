@@ -21,6 +21,9 @@ from tests.isolation import free_port
 F = "/faults"
 ASYNC = {"Prefer": "respond-async"}
 BODY = {"prompt": "a red star on a blue background", "size": "64x64"}
+# The slow tier's route with no fallback: on the `slowbuiltin` route a render is admitted on its `ok` fallback while
+# an earlier test's render still holds the slot, and never steps. Each test waits for the slot first (`_idle`).
+ONLY = {"model": "slowbuiltin_only"}
 
 
 def _submit(http, **body) -> httpx.Response:
@@ -37,6 +40,14 @@ def _wait(http, jid: str, predicate, timeout_s: float = 120) -> dict:
                 return job
         time.sleep(0.1)
     pytest.fail(f"job {jid} never reached the state: {job}")
+
+
+def _idle(http, timeout_s: float = 120) -> None:
+    """Wait until no render holds the slow tier's one slot (a job of an earlier test may still be finishing)."""
+    deadline = time.monotonic() + timeout_s
+    while http.get(f"{F}/v1/load").json()["tiers"]["slowbuiltin"]["used"] > 0:
+        assert time.monotonic() < deadline, "the slow tier never freed"
+        time.sleep(0.1)
 
 
 def _batches(http, tier: str) -> int:
@@ -76,7 +87,8 @@ def test_a_job_is_202_at_once_and_polls_to_the_synchronous_answer(http):
 
 
 def test_the_event_stream_has_every_step_of_a_built_in_render_and_the_end(http, base_url):
-    job = _submit(http, model="slowbuiltin", seed=1, previews=True).json()
+    _idle(http)
+    job = _submit(http, seed=1, previews=True, **ONLY).json()
     events = _events(base_url, job["id"])
     kinds = [k for k, _ in events]
     assert kinds[0] == "progress" and kinds[-1] == "succeeded", (kinds[:5] + kinds[-3:], events[-1])
@@ -94,14 +106,17 @@ def test_the_event_stream_has_every_step_of_a_built_in_render_and_the_end(http, 
 
 
 def test_cancelling_a_running_job_stops_it_at_a_step_and_frees_its_slot(http):
-    job = _submit(http, model="slowbuiltin", seed=2).json()
+    _idle(http)
+    job = _submit(http, seed=2, **ONLY).json()
     _wait(http, job["id"], lambda j: (j.get("progress") or {}).get("step", 0) >= 2, timeout_s=60)
     cancelled = http.post(f"{F}/v1/jobs/{job['id']}/cancel").json()
     assert cancelled["status"] == "canceled", cancelled
+    _idle(http, timeout_s=5)  # its slot frees at the render's next step, not when its 150 steps would have ended
     t = time.monotonic()
-    r = http.post(f"{F}/v1/images/generations", json={**BODY, "model": "slowbuiltin", "seed": 3})
+    r = http.post(f"{F}/v1/images/generations", json={**BODY, **ONLY, "seed": 3})
     assert r.status_code == 200, r.text
     prism = r.json()["prism"]
+    assert prism["tier"] == "slowbuiltin", prism
     # The slot and the model were free at once: no wait at the door, no queue behind the cancelled render.
     assert prism["admitted"]["waited_ms"] < 1000 and prism["timings_ms"]["queue"] < 1000, prism["timings_ms"]
     assert time.monotonic() - t < 60
@@ -109,10 +124,11 @@ def test_cancelling_a_running_job_stops_it_at_a_step_and_frees_its_slot(http):
 
 
 def test_a_cancelled_queued_job_never_runs(http, base_url):
+    _idle(http)
     before = _batches(http, "slowbuiltin")
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         holder = pool.submit(lambda: httpx.post(f"{base_url}{F}/v1/images/generations",
-                                                json={**BODY, "model": "slowbuiltin", "seed": 4}, timeout=120))
+                                                json={**BODY, **ONLY, "seed": 4}, timeout=120))
         deadline = time.monotonic() + 30
         while http.get(f"{F}/v1/load").json()["tiers"]["slowbuiltin"]["used"] < 1:
             assert time.monotonic() < deadline and not holder.done(), "the holding render never started"
@@ -131,9 +147,10 @@ def test_a_cancelled_queued_job_never_runs(http, base_url):
 
 
 def test_a_saturated_system_refuses_the_async_post(http, base_url):
+    _idle(http)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         holder = pool.submit(lambda: httpx.post(f"{base_url}{F}/v1/images/generations",
-                                                json={**BODY, "model": "slowbuiltin", "seed": 6}, timeout=120))
+                                                json={**BODY, **ONLY, "seed": 6}, timeout=120))
         deadline = time.monotonic() + 30
         while http.get(f"{F}/v1/load").json()["tiers"]["slowbuiltin"]["used"] < 1:
             assert time.monotonic() < deadline and not holder.done(), "the holding render never started"
@@ -203,7 +220,8 @@ def test_a_webhook_to_a_private_address_is_refused_where_the_profile_denies_it(h
 def test_a_job_outlives_its_ingress_replica(http, base_url):
     import ray
 
-    job = _submit(http, model="slowbuiltin", seed=8).json()
+    _idle(http)
+    job = _submit(http, seed=8, **ONLY).json()
     _wait(http, job["id"], lambda j: j["status"] == "running", timeout_s=60)
     names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "faults#Ingress" in a["name"]]
     assert len(names) == 1, names
