@@ -6,7 +6,6 @@ records routes live in the mixins deployments.ops_api and deployments.records_ap
 
 # No `from __future__ import annotations` here: FastAPI must see real types on the methods Serve wraps.
 
-import asyncio
 import logging
 import random
 import time
@@ -15,20 +14,19 @@ from fastapi import Header, Request
 from fastapi.responses import JSONResponse
 from ray import serve
 
-from deployments.calls import attempt
 from deployments.jobs_api import ASYNC_RESPONSES, PREFER_DOC, JobRoutes, wants_async
 from deployments.ops_api import OpsRoutes, app
 from deployments.records_api import RecordRoutes
 from deployments.reports import ReportPoller
+from deployments.tiers import Tiers
 from engines.intent import IntentStage
-from graph.admission import Admission, DoorPass, Ticket, tier_slots
+from graph.admission import Admission, DoorPass, tier_slots
 from graph.auth import AuthSpec, apply_caller
 from graph.canary import Canaries
-from graph.chain import ChainWalk, chain_failed, result_cost
 from graph.claims import Claims
 from graph.cost import SpendLedger, StoreSpend
 from graph.decision import Situation, reachable_tiers, route_request
-from graph.errors import GenerationFailed, InvalidRequest, PrismError
+from graph.errors import InvalidRequest, PrismError
 from graph.http import caller_of, request_id_of
 from graph.keys import Access
 from graph.metrics import PrismMetrics
@@ -37,9 +35,7 @@ from graph.prefilter import PrefilterConfig, check_request
 from graph.records import RecordsSpec, open_store
 from graph.routing import Features, PolicyConfig, load_policy
 from graph.schemas import (
-    Fallback,
     GenerateJob,
-    GenerateResult,
     GenerationRequest,
     GenerationResponse,
     IntentResult,
@@ -47,14 +43,10 @@ from graph.schemas import (
     RouteDecision,
     RouteResponse,
 )
-from graph.trace import Trace
+from graph.trace import Trace, ms_since
 from graph.writer import GroupCommitWriter
 
 log = logging.getLogger("ray.serve")
-
-
-def _ms(t0: float) -> float:
-    return round((time.perf_counter() - t0) * 1000, 2)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.2}, max_ongoing_requests=64)
@@ -82,7 +74,7 @@ class Ingress(OpsRoutes, RecordRoutes, JobRoutes):
         self.admission = Admission({t: 1 for t in generators}, status=settings.get("overload_status", 503),
                                    me=self.me)
         self.canaries, self.claims = Canaries(), Claims()
-        self.rate_limited_until: dict[str, float] = {}  # a hosted tier that answered 429: when it said to come back
+        self.tiers = Tiers(generators, self.tier_specs, self.admission)  # the fallback chain (deployments/tiers.py)
         self.metrics = PrismMetrics(routes=set(), tiers=set(generators), models=set(self.model_of_tier.values()))
         self.outcomes = Outcomes(self.store, self.writer, self.metrics, self.ledger, self.spend, self.canaries,
                                  self.claims, self.model_of_tier, self.links)
@@ -122,7 +114,7 @@ class Ingress(OpsRoutes, RecordRoutes, JobRoutes):
         self._check_request(req)
         intent, _ = await self._classify(trace)
         decision = await self._decide(trace, intent)
-        trace.timings["total"] = _ms(trace.t0)
+        trace.timings["total"] = ms_since(trace.t0)
         model = self.tier_specs[decision.tier]["name"]
         return RouteResponse(request_id=trace.rid, intent=intent, decision=decision, model=model,
                              model_version=self.versions.get(decision.tier, self.tier_specs[decision.tier]["kind"]),
@@ -153,20 +145,18 @@ class Ingress(OpsRoutes, RecordRoutes, JobRoutes):
     async def _door(self, trace: Trace) -> tuple[DoorPass, bool]:
         """Step 0, answered at once: bad input, no room for this user tier, or the key's own limits."""
         self.reports.start()
+        door = None
         try:
             # 0. The door: bad input (4xx) and, when no tier this request could use has room for its user tier, a
-            #    refusal with Retry-After now: no classifier, no store read, no awaited write.
+            #    refusal with Retry-After now: no classifier, no store read, no awaited write. Then the key's own
+            #    limits (per minute, at once, budget), counted in the store across replicas.
             self._check_request(trace.req)
             door = self.admission.door_check(reachable_tiers(self.policy, set(self.generators), trace.req.model,
                                                              trace.req.user_tier), trace.req.user_tier)
-        except PrismError as e:
-            trace.error = e
-            self.outcomes.finish(trace, None)
-            raise
-        try:  # the key's own limits (per minute, at once, budget): counted in the store across replicas
             counted = await self.access.start(trace.caller, trace.rid)
         except PrismError as e:
-            door.close()
+            if door is not None:
+                door.close()
             trace.error = e
             self.outcomes.finish(trace, None)
             raise
@@ -214,7 +204,7 @@ class Ingress(OpsRoutes, RecordRoutes, JobRoutes):
                                                 deadline - time.perf_counter())
         finally:
             door.close()  # decided: the slot it spoke for at the door is taken or free again
-        timings["admit"] = _ms(t)
+        timings["admit"] = ms_since(t)
         trace.emit("generate", tier=ticket.tier, queued_ms=timings["admit"])  # an async job is running from here
         # 4. Render and finish on the tier's replica (post, typography, PNG there), walking the fallback chain.
         trace.seed = req.seed if req.seed is not None else random.randrange(2**31)
@@ -224,14 +214,14 @@ class Ingress(OpsRoutes, RecordRoutes, JobRoutes):
                           text=trace.intent.text_to_render, embedding=embedding, caller=self.me,
                           previews=req.previews and trace.on_event is not None)
         t = time.perf_counter()
-        result, tier = await self._generate(job, decision, ticket, deadline, trace)
-        timings["generate"] = _ms(t)
+        result, tier = await self.tiers.render(job, decision, ticket, deadline, trace)
+        timings["generate"] = ms_since(t)
         timings.update({k: v for k, v in result.timings_ms.items() if k != "model"})
         trace.tier, trace.model, trace.model_version = tier, result.model, result.model_version
         self.versions[tier] = result.model_version
         trace.steps, trace.guidance, trace.pngs = result.steps, result.guidance, result.pngs
         trace.ocr = OcrInfo.model_validate(result.ocr) if result.ocr else None
-        timings["total"] = _ms(trace.t0)
+        timings["total"] = ms_since(trace.t0)
         # 5. The answer's facts (graph/outcomes.py).
         prism = prism_info(trace, result, self.tier_specs[tier]["native_size"],
                            {"tier": ticket.tier, "waited_ms": ticket.waited_ms})
@@ -246,15 +236,15 @@ class Ingress(OpsRoutes, RecordRoutes, JobRoutes):
         t, req = time.perf_counter(), trace.req
         out = await self.intent.intent_of(req.prompt, req.intent, req.text,
                                           (self.settings.get("intent") or {}).get("timeout_s", 10))
-        trace.timings["intent"] = _ms(t)
+        trace.timings["intent"] = ms_since(t)
         return out
 
     async def _decide(self, trace: Trace, intent: IntentResult) -> RouteDecision:
         """Rules, then load (brownout), then the user tier's budget, then the route's canary (graph/decision.py)."""
         req, t = trace.req, time.perf_counter()
         budget = self.policy.budgets.get(req.user_tier)
-        if budget is not None:
-            await self._refresh_spend()
+        if budget is not None:  # budgets decide on every replica's spend: the store's sums, re-read (graph/cost.py)
+            await self.spend.freshen({b.window_s for b in self.policy.budgets.values()})
         load = {tier: s["used"] for tier, s in self.admission.snapshot().items()}
         features = Features(prompt=req.prompt, intent=intent.label, confidence=intent.confidence,
                             user_tier=req.user_tier, quality=req.quality, has_text=bool(intent.text_to_render),
@@ -264,52 +254,5 @@ class Ingress(OpsRoutes, RecordRoutes, JobRoutes):
         decision, notes = route_request(self.policy, features, req.model, set(self.generators), situation, req.user,
                                         trace.rid, intent_unavailable=intent.source == "unavailable")
         trace.notes += notes
-        trace.timings["route"] = _ms(t)
+        trace.timings["route"] = ms_since(t)
         return decision
-
-    async def _generate(self, job: GenerateJob, decision: RouteDecision, ticket: Ticket, deadline: float,
-                        trace: Trace) -> tuple[GenerateResult, str]:
-        """Attempt by attempt down the chain (graph/chain.py), from the tier admission placed it on; every failed
-        attempt is reported and charged. Admitted work is never refused for capacity on a fallback tier."""
-        walk = ChainWalk.of(decision, job.guidance)
-        walk.index = walk.tiers.index(ticket.tier)
-        try:
-            while (tier := walk.tier) is not None:
-                if tier != ticket.tier:  # a fallback of admitted work: its slot moves with it, never refused
-                    self.admission.release(ticket)
-                    ticket = self.admission.force(tier, trace.req.user_tier)
-                t = time.perf_counter()
-                job.guidance = walk.guidance
-                reason, detail, result = await attempt(self.generators[tier], tier, job, decision, deadline,
-                                                       trace.on_event)
-                if reason == "replica_died":
-                    self.admission.replica_died(tier)  # its slots are gone now, before any report says so
-                if result is not None:
-                    trace.cost_usd += result_cost(self.tier_specs[tier].get("cost") or {}, len(result.pngs),
-                                                  result.compute_s, result.failure is not None, result.extra)
-                    if result.extra.get("retry_after_s") is not None:
-                        self.rate_limited_until[tier] = time.monotonic() + float(result.extra["retry_after_s"])
-                if reason is None:
-                    self.admission.release(ticket, time.perf_counter() - t)
-                    return result, tier
-                if reason == "text_does_not_fit":  # the text, not the model: no other model helps
-                    raise InvalidRequest(f"`text` does not fit the requested size: {detail}", param="text")
-                if reason == "ocr_miss":
-                    raise GenerationFailed(f"the text could not be rendered readably: {detail}", param="text")
-                trace.fallbacks.append(Fallback(model=self.tier_specs[tier]["name"], tier=tier, reason=reason,
-                                                elapsed_ms=_ms(t), guidance=walk.guidance, detail=detail[:300]))
-                walk.failed(reason, self.tier_specs[tier]["guidance"])
-        finally:
-            self.admission.release(ticket)
-        waits = {f.tier: max(self.admission.tiers[f.tier].seconds_until_free(time.monotonic()),
-                             self.rate_limited_until.get(f.tier, 0) - time.monotonic()) for f in trace.fallbacks}
-        raise chain_failed(decision.route, trace.fallbacks, waits, self.admission.status)
-
-    async def _refresh_spend(self) -> None:
-        """Budgets decide on every ingress replica's spend: the store's sums, re-read in the background (awaited
-        once, on a replica's first budgeted request: a restarted replica must not start from zero)."""
-        if self.spend is not self.ledger:
-            refresh = asyncio.ensure_future(self.spend.refresh({b.window_s for b in self.policy.budgets.values()}))
-            refresh.add_done_callback(lambda f: f.cancelled() or f.exception())
-            if not self.spend.ready:
-                await asyncio.shield(refresh)

@@ -117,6 +117,9 @@ class SpendLedger:
     def totals(self) -> dict[str, float]:
         return {tier: round(sum(b.values()), 8) for tier, b in self.buckets.items()}
 
+    async def freshen(self, windows: set[float]) -> None:
+        """Nothing to re-read: this replica's own charges are always current."""
+
 
 class StoreSpend:
     """Budget spend across every ingress replica that writes to one render store (the GPU and hybrid profiles run
@@ -148,6 +151,14 @@ class StoreSpend:
         """USD spent by this user tier in the last window_s seconds, as of the last read plus local charges since."""
         base = self._sums.get(window_s, {}).get(user_tier, 0.0)
         return round(base + sum(usd for _, tier, usd in self._local if tier == user_tier), 8)
+
+    async def freshen(self, windows: set[float]) -> None:
+        """Before a budget decision: re-read in the background, awaited only when the store was never read (a
+        restarted replica must not decide from zero)."""
+        refresh = asyncio.ensure_future(self.refresh(windows))
+        refresh.add_done_callback(lambda f: f.cancelled() or f.exception())
+        if not self.ready:
+            await asyncio.shield(refresh)
 
     async def refresh(self, windows: set[float]) -> None:
         """Re-read the store's sums when the last read is older than refresh_s or lacks a window (one read at a

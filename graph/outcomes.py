@@ -15,7 +15,7 @@ from graph.claims import Claims
 from graph.cost import SpendLedger
 from graph.errors import Conflict, GenerationFailed
 from graph.schemas import GenerateResult, GenerationResponse, PrismInfo
-from graph.trace import Trace, request_hash
+from graph.trace import Trace, ms_since, request_hash
 
 log = logging.getLogger("prism.outcomes")
 
@@ -83,7 +83,7 @@ class Outcomes:
         except Exception as e:
             raise GenerationFailed(f"the render record could not be written ({type(e).__name__}), so there is no "
                                    "url to serve; retry with b64_json", param="response_format") from None
-        trace.timings["record"] = round((time.perf_counter() - t) * 1000, 2)
+        trace.timings["record"] = ms_since(t)
         trace.recorded = True
 
     async def from_record(self, trace: Trace) -> dict | None:
@@ -123,7 +123,7 @@ class Outcomes:
         monitor = self.canaries.monitors.get(rec["route"] or "")
         failed = monitor is not None and trace.canary_failed(monitor.canary.tier)
         event = self.canaries.judge(rec["route"], rec["canary"], failed,
-                                    round((time.perf_counter() - trace.t0) * 1000, 2))
+                                    ms_since(trace.t0))
         if event is not None:
             self.metrics.canary_rollbacks.inc(tags=self.metrics.tags(route=event["route"]))
             log.error("canary on route %r rolled back to weight 0: %s", event["route"], event["reason"])

@@ -17,6 +17,11 @@ from graph.schemas import Fallback, GenerationRequest, IntentResult, OcrInfo, Ro
 CAPACITY_REASONS = ("overloaded", "shed", "deadline", "oom", "rate_limited", "replica_died")
 
 
+def ms_since(t0: float) -> float:
+    """Milliseconds since a perf_counter() reading, as `prism.timings_ms` shows them."""
+    return round((time.perf_counter() - t0) * 1000, 2)
+
+
 def blames_model(error: PrismError) -> bool:
     """Does a request's error count against the model that served it? The same line CAPACITY_REASONS draws for one
     attempt, drawn for the whole request: a 4xx is the client's (or its budget's), a 503/429 for capacity and a 504
