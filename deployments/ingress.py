@@ -54,6 +54,10 @@ log = logging.getLogger("ray.serve")
 class Ingress(OpsRoutes, RecordRoutes, JobRoutes):
     def __init__(self, generators: dict, settings: dict):
         """Handles to the tiers, the profile's limits, the intent model, the render store; policy in reconfigure()."""
+        # @serve.ingress gives the mixins' route methods their injected `self` when this module is imported. The class
+        # reaches the replica pickled by value (the module's `Ingress` is the Deployment), so nothing else is sure to
+        # import the module here: without this every mixin route (/healthz, /v1/load, jobs, records) answers 422.
+        import deployments.ingress  # noqa: F401
         self.generators, self.settings = generators, settings
         self.tier_specs: dict[str, dict] = settings["tiers"]
         self.model_of_tier = {t: spec["name"] for t, spec in self.tier_specs.items()}
@@ -74,7 +78,7 @@ class Ingress(OpsRoutes, RecordRoutes, JobRoutes):
         self.admission = Admission({t: 1 for t in generators}, status=settings.get("overload_status", 503),
                                    me=self.me)
         self.canaries, self.claims = Canaries(), Claims()
-        self.tiers = Tiers(generators, self.tier_specs, self.admission)  # the fallback chain (deployments/tiers.py)
+        self.fallback_chain = Tiers(generators, self.tier_specs, self.admission)  # deployments/tiers.py
         self.metrics = PrismMetrics(routes=set(), tiers=set(generators), models=set(self.model_of_tier.values()))
         self.outcomes = Outcomes(self.store, self.writer, self.metrics, self.ledger, self.spend, self.canaries,
                                  self.claims, self.model_of_tier, self.links)
@@ -214,7 +218,7 @@ class Ingress(OpsRoutes, RecordRoutes, JobRoutes):
                           text=trace.intent.text_to_render, embedding=embedding, caller=self.me,
                           previews=req.previews and trace.on_event is not None)
         t = time.perf_counter()
-        result, tier = await self.tiers.render(job, decision, ticket, deadline, trace)
+        result, tier = await self.fallback_chain.render(job, decision, ticket, deadline, trace)
         timings["generate"] = ms_since(t)
         timings.update({k: v for k, v in result.timings_ms.items() if k != "model"})
         trace.tier, trace.model, trace.model_version = tier, result.model, result.model_version
