@@ -18,6 +18,7 @@ import itertools
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -56,6 +57,14 @@ class AdmissionPolicy(BaseModel):
         default=None, ge=1, le=100_000,
         description="Renders admitted at once across all tiers: for tiers that share one machine's CPU (the embedded "
                     "default on 2 cores), where each tier's own slots would overcommit the cores.")
+    # A request's route names its tier; when that tier is full, a faster-or-similar tier of its chain may take it,
+    # but a much slower one would answer it several times slower than the route promises when idle: "within_slowdown"
+    # admits on a fallback only when its service time is at most max_slowdown x the route tier's (unknown times, or a
+    # route tier with no live replica: allowed), so accepted work stays near its unloaded latency and the rest is
+    # refused at once; "any" admits on any tier of the chain that can meet the deadline (more accepted, slower).
+    capacity_fallback: Literal["within_slowdown", "any"] = Field(
+        default="within_slowdown",
+        description="Which fallback tiers may take a request at the door when its route's tier is full.")
     classes: dict[str, ClassPolicy] = Field(default_factory=_default_classes)
     # A busy or just-started replica may miss a beat (a long call holding its GIL): 10 s of silence, 20 report
     # periods, before its slots stop counting. A replica that dies holding work is noticed at once (replica_died).
@@ -170,6 +179,10 @@ class TierState:
         """Slots in use: this ingress's own tickets (exact) and what the replicas report holding for the others."""
         return len(self.local) + self.others
 
+    def service_time(self) -> float | None:
+        """Seconds a render takes here: measured by this ingress, else as the replicas report, else unknown."""
+        return self.service_s or self.reported_service_s
+
     def seconds_until_free(self, now: float) -> float:
         """When the oldest render this ingress holds here should be done (service time from its start)."""
         service = self.service_s or self.reported_service_s or 1.0
@@ -263,10 +276,11 @@ class Admission:
         return DoorPass(self)
 
     async def admit(self, chain: list[str], user_tier: str, deadline_s: float | None = None) -> Ticket:
-        """A slot on the first tier of the chain with room (and a service time within the deadline), or on the
-        route's own tier after a bounded wait (paid tiers), or CapacityError (503/429 + Retry-After) at once."""
+        """A slot on the first tier of the chain with room (a service time within the deadline and, past the route's
+        own tier, near its time: capacity_fallback), or on the first usable tier after a bounded wait (paid tiers),
+        or CapacityError (503/429 + Retry-After) at once."""
         now = time.monotonic()
-        usable = [t for t in chain if t in self.tiers and self._in_time(t, deadline_s)]
+        usable = [t for t in chain if t in self.tiers and self._in_time(t, deadline_s) and self._near(t, chain[0], now)]
         for tier in usable:
             if self.has_room(tier, user_tier, now):
                 return self._take(tier, user_tier)
@@ -301,6 +315,16 @@ class Admission:
                 for t, st in self.tiers.items()}
 
     # ---- internals ---------------------------------------------------------------------------------
+
+    def _near(self, tier: str, own: str, now: float) -> bool:
+        """May `tier` take a request whose route names `own` (capacity_fallback)? Only a full tier is held to it: when
+        the route's tier has no live replica at all, a slower answer beats none."""
+        if tier == own or self.policy.capacity_fallback == "any" or own not in self.tiers:
+            return True
+        if self.tiers[own].capacity(now, self.policy.report_stale_s) == 0:
+            return True
+        mine, theirs = self.tiers[own].service_time(), self.tiers[tier].service_time()
+        return mine is None or theirs is None or theirs <= self.policy.max_slowdown * mine
 
     def _in_time(self, tier: str, deadline_s: float | None) -> bool:
         service = self.tiers[tier].service_s

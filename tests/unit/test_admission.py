@@ -71,6 +71,46 @@ def test_admits_onto_the_first_tier_with_a_slot_then_refuses_at_once():
     assert err.details[0]["user_tier"] == "free" and err.details[0]["reason"] == "capacity"
 
 
+def _timed(a_s: float | None, b_s: float | None, **policy) -> Admission:
+    """Tiers a and b, one slot each, whose replicas report these service times (None: not known yet)."""
+    adm = Admission({"a": 1, "b": 1}, AdmissionPolicy(**policy))
+    now = time.time()
+    adm.update("a", [ReplicaReport("a0", 0, a_s, now)], now)
+    adm.update("b", [ReplicaReport("b0", 0, b_s, now)], now)
+    return adm
+
+
+@pytest.mark.parametrize("a_s,b_s,policy,admitted", [
+    pytest.param(0.45, 2.2, {}, False, id="much_slower_fallback_refused"),
+    pytest.param(0.45, 0.5, {}, True, id="fallback_within_max_slowdown"),
+    pytest.param(2.2, 0.45, {}, True, id="faster_fallback"),
+    pytest.param(0.45, None, {}, True, id="fallback_time_unknown"),
+    pytest.param(0.45, 2.2, {"capacity_fallback": "any"}, True, id="any_tier_when_configured"),
+    pytest.param(0.45, 2.2, {"max_slowdown": 5.0}, True, id="looser_latency_target"),
+])
+def test_a_full_tier_overflows_only_onto_fallbacks_near_its_own_time(a_s, b_s, policy, admitted):
+    async def run():
+        adm = _timed(a_s, b_s, **policy)
+        await adm.admit(["a", "b"], "free")  # a's one slot
+        try:
+            return (await adm.admit(["a", "b"], "free")).tier
+        except CapacityError as e:
+            return e
+    out = asyncio.run(run())
+    if admitted:
+        assert out == "b"
+    else:  # refused at once rather than answered ~5x slower than the route's tier when idle
+        assert isinstance(out, CapacityError) and out.details[0]["tiers"] == ["a"], out
+
+
+def test_a_route_whose_tier_is_gone_overflows_onto_a_slower_fallback():
+    async def run():
+        adm = _timed(0.45, 2.2)
+        adm.set_running({"a": 0, "b": 1})  # a's replicas are all gone: a slow answer beats none
+        return (await adm.admit(["a", "b"], "free")).tier
+    assert asyncio.run(run()) == "b"
+
+
 def test_a_released_slot_admits_the_next_request():
     async def run():
         adm = _admission()
