@@ -123,7 +123,12 @@ def test_gpu_tier_on_gpu_node_and_survives_losing_it(cluster):
     served = [r.json()["prism"] for r in answers if r.status_code == 200]
     assert any(p["tier"] == "cpu" for p in served), statuses  # the fallback served while the GPU node was gone
     # With the GPU node gone the GPU route keeps answering through its CPU fallback: admission knows the GPU tier's
-    # capacity is gone (its replica stopped reporting) and places the render on the CPU tier directly.
+    # capacity is gone (Serve's controller no longer runs its replica) and places the render on the CPU tier directly.
+    # Wait for that first: the dead node's replica process may outlive its raylet for a moment and still answer.
+    deadline = time.monotonic() + 60
+    while httpx.get(f"{BASE}/v1/load", timeout=30).json()["tiers"]["gpu"]["capacity"] > 0:
+        assert time.monotonic() < deadline, "admission never saw the GPU tier's capacity go"
+        time.sleep(0.5)
     after = _gen()
     assert after.status_code == 200 and after.json()["prism"]["tier"] == "cpu", after.text
     assert after.json()["prism"]["admitted"]["tier"] == "cpu" or after.json()["prism"]["fallbacks"], after.text
