@@ -2,7 +2,8 @@
 (gevent's patching breaks ssl when locust is imported after ray/httpx).
 
 Stats entries: `POST gen:<intent>` is every request (errors are failures); `route <name>` records each 200 by the
-route that served it (p50/p95 per route); `503 <intent>` records designed overload answers apart from errors.
+route that served it (p50/p95 per route); `503 <user tier> <intent>` records designed overload answers apart from
+errors, by user tier (paid ones may wait at the door by policy before theirs).
 """
 
 import os
@@ -21,8 +22,9 @@ class PrismUser(FastHttpUser):
     connection_timeout = 10.0
 
     def _generate(self, intent: str):
+        user_tier = random.choices(list(TIERS), weights=list(TIERS.values()))[0]
         body = {"prompt": random.choice(PROMPTS[intent]), "size": random.choice(["256x256", "512x512"]),
-                "user_tier": random.choices(list(TIERS), weights=list(TIERS.values()))[0]}
+                "user_tier": user_tier}
         with self.client.post("/v1/images/generations", json=body, name=f"gen:{intent}", headers=KEY,
                               catch_response=True) as resp:
             elapsed_ms = resp.request_meta["response_time"] if hasattr(resp, "request_meta") else 0
@@ -32,7 +34,7 @@ class PrismUser(FastHttpUser):
                                     response_length=0, exception=None, context={})
                 resp.success()
             elif resp.status_code == 503 and resp.headers.get("retry-after"):
-                events.request.fire(request_type="503", name=intent, response_time=elapsed_ms,
+                events.request.fire(request_type="503", name=f"{user_tier} {intent}", response_time=elapsed_ms,
                                     response_length=0, exception=None, context={})
                 resp.success()  # designed backpressure: counted apart, not an error
             else:
