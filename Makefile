@@ -24,6 +24,7 @@ $(STAMP): requirements.txt pyproject.toml
 	$(BIN)/python -m pip install --quiet -r requirements.txt
 	$(BIN)/python -m pip install --quiet --no-deps -e .
 	$(BIN)/python -m pip check
+	$(BIN)/python -m engines.minilm_onnx
 	touch $@
 
 install: $(STAMP)
