@@ -180,12 +180,19 @@ def show(row: dict) -> None:
           flush=True)
 
 
-def run(profile: str, seconds: float, ingress_max_ongoing: int | None = None, at_once_only: bool = False) -> None:
+def run(profile: str, seconds: float, ingress_max_ongoing: int | None = None, at_once_only: bool = False,
+        max_total: int | None = None, render_threads: int | None = None) -> None:
     cfg = load_serve_config(ROOT / PROFILES[profile])
     cfg["http_options"]["port"] = PORT
+    ingress = next(d for d in cfg["applications"][0]["deployments"] if d["name"] == "Ingress")
     if ingress_max_ongoing is not None:  # what the Serve proxy lets into the ingress before it refuses itself
-        ingress = next(d for d in cfg["applications"][0]["deployments"] if d["name"] == "Ingress")
         ingress["max_ongoing_requests"] = ingress_max_ongoing
+    if max_total is not None:  # renders admitted at once across tiers
+        ingress["user_config"]["routing"].setdefault("admission", {})["max_total"] = max_total
+    for d in cfg["applications"][0]["deployments"]:
+        if render_threads is not None and d["name"].startswith("Generator"):  # torch's threads per replica
+            env = d.setdefault("ray_actor_options", {}).setdefault("runtime_env", {}).setdefault("env_vars", {})
+            env["OMP_NUM_THREADS"] = str(render_threads)
     records = tempfile.mkdtemp(prefix="prism-burst-")
     cfg["applications"][0]["args"].setdefault("records", {})["dir"] = records
     HEADERS["Authorization"] = f"Bearer {gateway_key(records)}"
@@ -224,8 +231,12 @@ def main(argv=None) -> int:
     ap.add_argument("--ingress-max-ongoing", type=int, default=None,
                     help="override the profile's Ingress max_ongoing_requests (a side-by-side knob)")
     ap.add_argument("--at-once-only", action="store_true", help="only the 300-at-once runs, both clients")
+    ap.add_argument("--max-total", type=int, default=None,
+                    help="override the policy's admission.max_total (renders at once across tiers)")
+    ap.add_argument("--render-threads", type=int, default=None,
+                    help="torch threads per generator replica (OMP_NUM_THREADS; Ray's default: 1 for num_cpus < 1)")
     args = ap.parse_args(argv)
-    run(args.profile, args.seconds, args.ingress_max_ongoing, args.at_once_only)
+    run(args.profile, args.seconds, args.ingress_max_ongoing, args.at_once_only, args.max_total, args.render_threads)
     return 0
 
 

@@ -11,6 +11,7 @@ Compare with `cer`, which ignores case and whitespace (a wrapped line reads the 
 from __future__ import annotations
 
 import hashlib
+import os
 import tempfile
 import time
 import unicodedata
@@ -75,7 +76,13 @@ class RapidOcrBackend:
 
         # No angle classifier: it sometimes flips a clean horizontal line by 180 degrees ("Only $9.99" read
         # "Only 66'6$"); the text this checks is composited upright.
-        self._engine = RapidOCR(params={"Global.log_level": "warning", "Global.use_cls": False})
+        # Threads: the CPUs this process was given (Ray sets OMP_NUM_THREADS from num_cpus; 1 outside Ray). ONNX
+        # Runtime's default, every core with spinning, read a 512 px line no faster on this 2-core machine (261 vs
+        # 259 ms) for twice the CPU (500 vs 262 ms), taken from the render beside it (benchmarks/RESULTS.md).
+        threads = max(1, int(os.environ.get("OMP_NUM_THREADS") or 1))
+        self._engine = RapidOCR(params={"Global.log_level": "warning", "Global.use_cls": False,
+                                        "EngineConfig.onnxruntime.intra_op_num_threads": threads,
+                                        "EngineConfig.onnxruntime.inter_op_num_threads": 1})
 
     def read(self, img: np.ndarray) -> str:
         """Text in an RGB image (rapidocr takes a raw ndarray as BGR, so the channels are flipped)."""
