@@ -2,7 +2,8 @@
 (gevent's patching breaks ssl when locust is imported after ray/httpx).
 
 Stats entries: `POST gen:<intent>` is every request (errors are failures); `route <name>` records each 200 by the
-route that served it (p50/p95 per route); `503 <user tier> <intent>` records designed overload answers apart from
+route that served it (p50/p95 per route), and `accepted <user tier> <route>` the same by user tier (a paid request
+may wait at the door by policy); `503 <user tier> <intent>` records designed overload answers apart from
 errors, by user tier (paid ones may wait at the door by policy before theirs).
 """
 
@@ -31,6 +32,8 @@ class PrismUser(FastHttpUser):
             if resp.status_code == 200:
                 route = resp.json()["prism"]["route"]
                 events.request.fire(request_type="route", name=route, response_time=elapsed_ms,
+                                    response_length=0, exception=None, context={})
+                events.request.fire(request_type="accepted", name=f"{user_tier} {route}", response_time=elapsed_ms,
                                     response_length=0, exception=None, context={})
                 resp.success()
             elif resp.status_code == 503 and resp.headers.get("retry-after"):

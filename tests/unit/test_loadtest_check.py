@@ -109,3 +109,29 @@ def test_accepted_latency_past_the_ratio_fails_naming_the_route(tmp_path, capsys
 def test_a_ratio_target_without_an_unloaded_baseline_fails(tmp_path, capsys):
     code, out = run(tmp_path, good_run(), capsys, RATIO)
     assert code == 1 and "MISS unloaded baseline" in out, out
+
+
+# By user tier (`accepted <user tier> <route>`): a paid request may wait at the door for a slot by policy (here pro,
+# 2 s), so its bound is the ratio plus that wait; a free one never waits and gets no allowance.
+def by_tier(free_p95: float, pro_p95: float) -> list[dict]:
+    return good_run() + [row("accepted", "free fast", 50, p50=900, p95=free_p95),
+                         row("accepted", "pro fast", 20, p50=2500, p95=pro_p95)]
+
+
+def test_a_paid_tier_may_take_its_policy_wait_on_top_of_the_ratio(tmp_path, capsys):
+    code, out = run(tmp_path, by_tier(2000, 3900), capsys, RATIO, unloaded={"fast": 2000 / 1.2, "premium": 9000})
+    assert code == 0, out
+    assert "ok   route fast p95 under load, pro less its 2000 ms policy wait / unloaded (1667 ms): 1.14" in out
+    assert "ok   route fast p95 under load, free / unloaded (1667 ms): 1.20" in out
+
+
+def test_a_free_request_past_the_ratio_fails_though_paid_ones_wait(tmp_path, capsys):
+    code, out = run(tmp_path, by_tier(2100, 3900), capsys, RATIO, unloaded={"fast": 2000 / 1.2, "premium": 9000})
+    assert code == 1, out
+    missed = [line for line in out.splitlines() if line.startswith("MISS")]
+    assert missed == ["MISS route fast p95 under load, free / unloaded (1667 ms): 1.26 (target 1.20)"], out
+
+
+def test_a_paid_request_past_its_wait_and_the_ratio_fails(tmp_path, capsys):
+    code, out = run(tmp_path, by_tier(2000, 4100), capsys, RATIO, unloaded={"fast": 2000 / 1.2, "premium": 9000})
+    assert code == 1 and "MISS route fast p95 under load, pro less its 2000 ms policy wait" in out, out
