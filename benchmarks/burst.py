@@ -181,7 +181,7 @@ def show(row: dict) -> None:
 
 
 def run(profile: str, seconds: float, ingress_max_ongoing: int | None = None, at_once_only: bool = False,
-        max_total: int | None = None, render_threads: int | None = None) -> None:
+        max_total: int | None = None, render_threads: int | None = None, rate: float | None = None) -> None:
     cfg = load_serve_config(ROOT / PROFILES[profile])
     cfg["http_options"]["port"] = PORT
     ingress = next(d for d in cfg["applications"][0]["deployments"] if d["name"] == "Ingress")
@@ -213,6 +213,8 @@ def run(profile: str, seconds: float, ingress_max_ongoing: int | None = None, at
         print(f"unloaded {route}: p50 {statistics.median(lat):.0f} ms, p95 {base_p95[route]:.0f} ms (n={len(lat)})")
     capacity, _ = asyncio.run(closed_loop(32, seconds))
     print(f"capacity (closed loop, 32 clients, {seconds:g} s): {capacity:.2f} renders/s", flush=True)
+    if rate is not None:  # the same offered load as another run, for a side-by-side comparison
+        capacity = rate / 10
     print("| run | sent | 200 | refused + Retry-After | other | refusal p50 / p99 | accepted p95 / unloaded p95 |")
     print("|---|---|---|---|---|---|---|")
     show(summary(f"open loop 10x ({10 * capacity:.1f}/s, {seconds:g} s)", asyncio.run(open_loop(10 * capacity,
@@ -235,8 +237,11 @@ def main(argv=None) -> int:
                     help="override the policy's admission.max_total (renders at once across tiers)")
     ap.add_argument("--render-threads", type=int, default=None,
                     help="torch threads per generator replica (OMP_NUM_THREADS; Ray's default: 1 for num_cpus < 1)")
+    ap.add_argument("--rate", type=float, default=None,
+                    help="the open loops' arrival rate (default: 10x the capacity this run measures)")
     args = ap.parse_args(argv)
-    run(args.profile, args.seconds, args.ingress_max_ongoing, args.at_once_only, args.max_total, args.render_threads)
+    run(args.profile, args.seconds, args.ingress_max_ongoing, args.at_once_only, args.max_total, args.render_threads,
+        args.rate)
     return 0
 
 
