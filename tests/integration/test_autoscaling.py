@@ -16,9 +16,13 @@ def _running_replicas(tier: str) -> int:
 
 
 def _wait_replicas(tier: str, n: int, timeout_s: float) -> None:
+    from deployments.reports import running_replicas
+
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if _running_replicas(tier) == n:
+            # What admission reads (the controller's plain dict, not serve.status()) says the same at each step.
+            assert running_replicas("faults")[tier] == n or _running_replicas(tier) != n
             return
         time.sleep(0.2)
     pytest.fail(f"tier {tier} did not reach {n} running replicas in {timeout_s}s (has {_running_replicas(tier)})")
