@@ -342,10 +342,14 @@ class Admission:
         heapq.heappush(self._waiting[tier], (rank, next(self._order), user_tier, fut))
         try:
             ticket = await asyncio.wait_for(asyncio.shield(fut), limit_s)
-        except TimeoutError:
-            if fut.done() and not fut.cancelled():  # granted just as the wait ran out: give the slot back
+        except (TimeoutError, asyncio.CancelledError) as e:
+            # Out of time, or the waiter itself went away (a cancelled job, a client gone): the shielded future would
+            # stay in the heap and be granted a slot nobody releases. Take it out; a slot granted just now goes back.
+            if fut.done() and not fut.cancelled():
                 self.release(fut.result())
             fut.cancel()
+            if isinstance(e, asyncio.CancelledError):
+                raise
             return None
         ticket.waited_ms = round((time.monotonic() - t0) * 1000, 1)
         return ticket

@@ -45,8 +45,8 @@ def _wait(http, jid: str, predicate, timeout_s: float = 120) -> dict:
 def _idle(http, timeout_s: float = 120) -> None:
     """Wait until no render holds the slow tier's one slot (a job of an earlier test may still be finishing)."""
     deadline = time.monotonic() + timeout_s
-    while http.get(f"{F}/v1/load").json()["tiers"]["slowbuiltin"]["used"] > 0:
-        assert time.monotonic() < deadline, "the slow tier never freed"
+    while (load := http.get(f"{F}/v1/load").json())["tiers"]["slowbuiltin"]["used"] > 0:
+        assert time.monotonic() < deadline, f"the slow tier never freed: {load['tiers']['slowbuiltin']}"
         time.sleep(0.1)
 
 

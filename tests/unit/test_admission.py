@@ -193,6 +193,25 @@ def test_a_wait_that_runs_out_is_a_refusal():
     assert 0.04 <= waited < 0.5 and adm.snapshot()["a"]["waiting"] == 0
 
 
+def test_a_waiter_that_is_cancelled_is_never_granted_the_slot():
+    # A job cancelled while it waits at the door (or a client gone): the slot that frees must not go to it, where
+    # nobody would ever release it.
+    policy = {"classes": {"free": ClassPolicy(), "enterprise": ClassPolicy(max_wait_ms=5000)}}
+
+    async def run():
+        adm = _admission(**policy)
+        held = await adm.admit(["a"], "free")
+        waiting = asyncio.ensure_future(adm.admit(["a"], "enterprise"))
+        await asyncio.sleep(0.01)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        adm.release(held)
+        return adm.snapshot()["a"], await adm.admit(["a"], "free")
+    snap, again = asyncio.run(run())
+    assert snap["used"] == 0 and snap["waiting"] == 0 and again.tier == "a"
+
+
 def test_shares_keep_slots_for_higher_tiers():
     async def run():
         adm = _admission(slots=4, classes={"free": ClassPolicy(share=0.5), "pro": ClassPolicy()})
