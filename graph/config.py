@@ -44,8 +44,9 @@ def validate_profile(path: str | Path) -> list[str]:
     ingress = deployment_block(app, "Ingress")
     try:
         policy = load_policy((ingress.get("user_config") or {}).get("routing", {}), tiers=set(args.tiers))
-        problems += autoscaling_problems(app, {t: s.model_dump() for t, s in args.tiers.items()},
-                                         policy.admission.max_slowdown)
+        specs = {t: s.model_dump() for t, s in args.tiers.items()}
+        problems += autoscaling_problems(app, specs, policy.admission.max_slowdown)
+        problems += concurrency_problems(app, specs, policy.admission.max_slowdown)
     except ValueError as e:
         problems.append(str(e))
     known = {"Ingress",
@@ -54,6 +55,29 @@ def validate_profile(path: str | Path) -> list[str]:
         if d.get("name") not in known:
             problems.append(f"deployments: {d.get('name')!r} is not a deployment of this app ({sorted(known)})")
     return problems
+
+
+def concurrency_problems(app: dict, tiers: dict[str, dict], max_slowdown: float) -> list[str]:
+    """A generator's max_ongoing_requests must be its admission slots. Fewer: admitted renders wait in Serve's queue
+    behind the cap. More, for a model that shares its replica's engine: Serve's router (its replica queue lengths
+    cached up to 10 s) can put a second render on a busy replica while another replica idles, and the second waits
+    out the first (seen in make loadtest: a 2.8-s render, then 2.9 s more, with a replica free). A hosted API's
+    calls run side by side, so its replicas may take more than their slots."""
+    from engines.generators import REMOTE_KINDS
+    from graph.admission import tier_slots
+    from graph.settings import generator_deployment_name
+
+    out = []
+    for tier, spec in tiers.items():
+        name = generator_deployment_name(tier)
+        ongoing, slots = deployment_block(app, name).get("max_ongoing_requests"), tier_slots(spec, max_slowdown)
+        if ongoing is None:
+            continue
+        if ongoing < slots or (ongoing > slots and spec.get("kind") not in REMOTE_KINDS):
+            out.append(f"deployments: {name} max_ongoing_requests is {ongoing}, but admission gives a replica {slots} "
+                       f"slot(s) (batch_efficiency {spec.get('batch_efficiency')}, max_slowdown {max_slowdown:g}): set "
+                       f"it to {slots}")
+    return out
 
 
 def autoscaling_problems(app: dict, tiers: dict[str, dict], max_slowdown: float) -> list[str]:

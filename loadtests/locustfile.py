@@ -3,8 +3,10 @@
 
 Stats entries: `POST gen:<intent>` is every request (errors are failures); `route <name>` records each 200 by the
 route that served it (p50/p95 per route), and `accepted <user tier> <route>` the same by user tier (a paid request
-may wait at the door by policy); `503 <user tier> <intent>` records designed overload answers apart from
-errors, by user tier (paid ones may wait at the door by policy before theirs).
+may wait at the door by policy), `served <route>` every 200 less the wait the server says it had at the door
+(`prism.admitted.waited_ms`: all user tiers together, the served time the latency goal is about); `503 <user tier>
+<intent>` records designed overload answers apart from errors, by user tier (paid ones may wait at the door by
+policy before theirs).
 """
 
 import os
@@ -30,10 +32,13 @@ class PrismUser(FastHttpUser):
                               catch_response=True) as resp:
             elapsed_ms = resp.request_meta["response_time"] if hasattr(resp, "request_meta") else 0
             if resp.status_code == 200:
-                route = resp.json()["prism"]["route"]
+                prism = resp.json()["prism"]
+                route, waited_ms = prism["route"], (prism.get("admitted") or {}).get("waited_ms", 0.0)
                 events.request.fire(request_type="route", name=route, response_time=elapsed_ms,
                                     response_length=0, exception=None, context={})
                 events.request.fire(request_type="accepted", name=f"{user_tier} {route}", response_time=elapsed_ms,
+                                    response_length=0, exception=None, context={})
+                events.request.fire(request_type="served", name=route, response_time=max(0.0, elapsed_ms - waited_ms),
                                     response_length=0, exception=None, context={})
                 resp.success()
             elif resp.status_code == 503 and resp.headers.get("retry-after"):

@@ -135,3 +135,31 @@ def test_a_free_request_past_the_ratio_fails_though_paid_ones_wait(tmp_path, cap
 def test_a_paid_request_past_its_wait_and_the_ratio_fails(tmp_path, capsys):
     code, out = run(tmp_path, by_tier(2000, 4100), capsys, RATIO, unloaded={"fast": 2000 / 1.2, "premium": 9000})
     assert code == 1 and "MISS route fast p95 under load, pro less its 2000 ms policy wait" in out, out
+
+
+# `served <route>`: every 200 less its wait at the door (all user tiers); and rows too small for a p95 are not judged.
+def test_served_latency_past_the_ratio_fails_naming_the_route(tmp_path, capsys):
+    rows = good_run() + [row("served", "fast", 60, p50=900, p95=2400)]
+    code, out = run(tmp_path, rows, capsys, RATIO, unloaded={"fast": 1000, "premium": 9000})
+    assert code == 1, out
+    assert "MISS route fast p95 under load less each request's wait at the door / unloaded (1000 ms): 2.40" in out
+
+
+def test_served_latency_within_the_ratio_passes(tmp_path, capsys):
+    rows = good_run() + [row("served", "fast", 60, p50=900, p95=1150)]
+    code, out = run(tmp_path, rows, capsys, RATIO, unloaded={"fast": 1000, "premium": 9000})
+    assert code == 0, out
+    assert "ok   route fast p95 under load less each request's wait at the door / unloaded (1000 ms): 1.15" in out
+
+
+def test_a_row_too_small_for_a_p95_is_reported_not_judged(tmp_path, capsys):
+    rows = good_run() + [row("served", "fast", 60, p50=900, p95=1150),
+                         row("accepted", "free fast", 12, p50=900, p95=4700)]  # its max: one slow draw
+    code, out = run(tmp_path, rows, capsys, RATIO | {"min_p95_samples": 20},
+                    unloaded={"fast": 1000, "premium": 9000})
+    assert code == 0, out
+    assert "--   route fast p95 under load, free: 12 requests, too few for a p95 (at least 20): not judged" in out
+    rows[-1] = row("accepted", "free fast", 20, p50=900, p95=4700)  # the same p95 from enough requests is judged
+    code, out = run(tmp_path, rows, capsys, RATIO | {"min_p95_samples": 20},
+                    unloaded={"fast": 1000, "premium": 9000})
+    assert code == 1 and "MISS route fast p95 under load, free / unloaded (1000 ms): 4.70" in out, out

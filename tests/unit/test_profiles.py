@@ -5,7 +5,7 @@ from ray.serve.schema import ServeDeploySchema
 
 from engines.generators import REMOTE_KINDS
 from graph.app import AppArgs, generator_deployment_name
-from graph.config import ROOT, deployment_block, load_serve_config, prism_app, validate_profile
+from graph.config import ROOT, concurrency_problems, deployment_block, load_serve_config, prism_app, validate_profile
 from graph.routing import load_policy
 
 PROFILES = ["serve_config.yaml", "serve_config.gpu.yaml", "serve_config.sim.yaml", "serve_config.hybrid.yaml"]
@@ -143,3 +143,27 @@ def test_graph_config_warns_of_an_announced_retirement_and_a_stale_price(tmp_pat
     warnings = profile_warnings(copy)
     assert any("tiers.pro" in w and "announced for retirement on 2099-06-01" in w for w in warnings)
     assert any("tiers.typography" in w and "checked on 2020-01-01" in w for w in warnings)
+
+
+# A local model's max_ongoing_requests is admission's slots per replica (graph/config.py: concurrency_problems).
+def _with_generator(ongoing: int, kind: str = "builtin") -> tuple[dict, dict]:
+    app = {"deployments": [{"name": "Generator_fast", "max_ongoing_requests": ongoing}]}
+    return app, {"fast": {"kind": kind, "max_batch_size": 4, "batch_efficiency": 0.5}}
+
+
+def test_a_local_generator_taking_more_renders_than_its_slots_is_a_problem_naming_the_fix():
+    app, tiers = _with_generator(8)
+    assert concurrency_problems(app, tiers, 1.2) == [
+        "deployments: Generator_fast max_ongoing_requests is 8, but admission gives a replica 1 slot(s) "
+        "(batch_efficiency 0.5, max_slowdown 1.2): set it to 1"]
+    assert concurrency_problems(*_with_generator(1), 1.2) == []
+
+
+def test_a_generator_capped_below_its_slots_is_a_problem_hosted_or_not():
+    app, tiers = _with_generator(1)
+    assert "set it to 3" in concurrency_problems(app, tiers, 2.0)[0]  # 1 + (2.0 - 1) / 0.5 = 3 slots
+    assert "set it to 8" in concurrency_problems(*_with_generator(4, kind="openai"), 1.2)[0]  # hosted: 8 side by side
+
+
+def test_a_hosted_generator_may_take_more_than_its_slots():
+    assert concurrency_problems(*_with_generator(64, kind="openai"), 1.2) == []
