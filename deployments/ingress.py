@@ -20,6 +20,7 @@ from deployments.records_api import RecordRoutes
 from deployments.reports import ReportPoller
 from deployments.tiers import Tiers
 from engines.intent import IntentStage
+from graph import schemas
 from graph.admission import Admission, DoorPass, tier_slots
 from graph.auth import AuthSpec, apply_caller
 from graph.canary import Canaries
@@ -34,15 +35,7 @@ from graph.outcomes import Outcomes, answer_body, prism_info
 from graph.prefilter import PrefilterConfig, check_request
 from graph.records import RecordsSpec, open_store
 from graph.routing import Features, PolicyConfig, load_policy
-from graph.schemas import (
-    GenerateJob,
-    GenerationRequest,
-    GenerationResponse,
-    IntentResult,
-    OcrInfo,
-    RouteDecision,
-    RouteResponse,
-)
+from graph.schemas import GenerateJob, GenerationRequest, GenerationResponse, IntentResult
 from graph.trace import Trace, ms_since
 from graph.writer import GroupCommitWriter
 
@@ -67,16 +60,14 @@ class Ingress(OpsRoutes, RecordRoutes, JobRoutes):
         self.intent = IntentStage(fault_marker_path=(settings.get("intent") or {}).get("fault_marker_path"))
         records = RecordsSpec.model_validate(settings.get("records") or {})
         self.store = open_store(records)
-        # Who may call ($PRISM_AUTH over the profile): keys and the link secret live beside the records, shared by
-        # every replica and the key CLI (graph/keys.py).
+        # Who may call ($PRISM_AUTH over the profile): keys and the link secret beside the records (graph/keys.py).
         self.access = Access.open(AuthSpec.model_validate(settings.get("auth") or {}), records, self.store is not None)
         self.auth_mode, self.links = self.access.mode, self.access.links
         self.writer = GroupCommitWriter(self.store) if self.store is not None else None
         self.ledger = SpendLedger()  # this replica's spend; budgets read `spend`: the store's, across replicas
         self.spend = StoreSpend(self.store) if self.store is not None else self.ledger
         self.me = serve.get_replica_context().replica_id.unique_id  # how the generators' load reports name us
-        self.admission = Admission({t: 1 for t in generators}, status=settings.get("overload_status", 503),
-                                   me=self.me)
+        self.admission = Admission({t: 1 for t in generators}, status=settings.get("overload_status", 503), me=self.me)
         self.canaries, self.claims = Canaries(), Claims()
         self.fallback_chain = Tiers(generators, self.tier_specs, self.admission)  # deployments/tiers.py
         self.metrics = PrismMetrics(routes=set(), tiers=set(generators), models=set(self.model_of_tier.values()))
@@ -86,8 +77,7 @@ class Ingress(OpsRoutes, RecordRoutes, JobRoutes):
         self._init_jobs(settings.get("webhooks") or {})  # async jobs (deployments/jobs_api.py)
         self.versions: dict[str, str] = {}  # tier -> model version, as its last render reported it
         app.state.max_body_bytes = settings.get("max_body_bytes", app.state.max_body_bytes)
-        app.state.behind_serve_proxy = True
-        app.state.auth = self.access.authenticator()
+        app.state.behind_serve_proxy, app.state.auth = True, self.access.authenticator()
 
     def reconfigure(self, config: dict) -> None:
         """Apply a routing policy from user_config; an invalid one is rejected and the old one keeps serving."""
@@ -110,8 +100,12 @@ class Ingress(OpsRoutes, RecordRoutes, JobRoutes):
                                   for t, spec in self.tier_specs.items()})
         log.info("routing policy version %s applied (%d rules)", policy.version, len(policy.rules))
 
-    @app.post("/v1/route", response_model=RouteResponse)
-    async def route(self, req: GenerationRequest, request: Request) -> RouteResponse:
+    def __del__(self):  # a graceful stop (scale-down, redeploy): inline answers already sent keep their records
+        if getattr(self, "writer", None) is not None:
+            self.writer.close()
+
+    @app.post("/v1/route", response_model=schemas.RouteResponse)
+    async def route(self, req: GenerationRequest, request: Request) -> schemas.RouteResponse:
         """Classify and route without generating."""
         trace = Trace(rid=request_id_of(request), req=req, caller=caller_of(request))
         trace.ignored = apply_caller(req, trace.caller)
@@ -120,17 +114,16 @@ class Ingress(OpsRoutes, RecordRoutes, JobRoutes):
         decision = await self._decide(trace, intent)
         trace.timings["total"] = ms_since(trace.t0)
         model = self.tier_specs[decision.tier]["name"]
-        return RouteResponse(request_id=trace.rid, intent=intent, decision=decision, model=model,
+        return schemas.RouteResponse(request_id=trace.rid, intent=intent, decision=decision, model=model,
                              model_version=self.versions.get(decision.tier, self.tier_specs[decision.tier]["kind"]),
-                             notes=trace.notes,
-                             timings_ms=trace.timings)
+                             notes=trace.notes, timings_ms=trace.timings)
 
     @app.post("/v1/images/generations", response_model=GenerationResponse, responses=ASYNC_RESPONSES)
     async def generations(self, req: GenerationRequest, request: Request,
                           prefer: str | None = Header(None, description=PREFER_DOC)) -> JSONResponse:
         """OpenAI-compatible image generation through the whole graph; `Prefer: respond-async` makes it a job."""
-        trace = Trace(rid=request_id_of(request), req=req, base_url=str(request.base_url).rstrip("/"),
-                      caller=caller_of(request))
+        base = str(request.base_url).rstrip("/")
+        trace = Trace(rid=request_id_of(request), req=req, base_url=base, caller=caller_of(request))
         trace.ignored = apply_caller(req, trace.caller)
         if wants_async(prefer):
             return await self._submit(trace)
@@ -139,9 +132,7 @@ class Ingress(OpsRoutes, RecordRoutes, JobRoutes):
                                  param="webhook")
         return await self._serve(trace)
 
-    # ---- the request's path ------------------------------------------------------------------------
-
-    async def _serve(self, trace: Trace) -> JSONResponse:
+    async def _serve(self, trace: Trace) -> JSONResponse:  # the request's path, in the numbered steps below
         """Door, claim the request id, render, record (and count, charge, judge the canary), respond."""
         door, counted = await self._door(trace)
         return await self._complete(trace, door, counted)
@@ -224,7 +215,7 @@ class Ingress(OpsRoutes, RecordRoutes, JobRoutes):
         trace.tier, trace.model, trace.model_version = tier, result.model, result.model_version
         self.versions[tier] = result.model_version
         trace.steps, trace.guidance, trace.pngs = result.steps, result.guidance, result.pngs
-        trace.ocr = OcrInfo.model_validate(result.ocr) if result.ocr else None
+        trace.ocr = schemas.OcrInfo.model_validate(result.ocr) if result.ocr else None
         timings["total"] = ms_since(trace.t0)
         # 5. The answer's facts (graph/outcomes.py).
         prism = prism_info(trace, result, self.tier_specs[tier]["native_size"],
@@ -243,7 +234,7 @@ class Ingress(OpsRoutes, RecordRoutes, JobRoutes):
         trace.timings["intent"] = ms_since(t)
         return out
 
-    async def _decide(self, trace: Trace, intent: IntentResult) -> RouteDecision:
+    async def _decide(self, trace: Trace, intent: IntentResult) -> schemas.RouteDecision:
         """Rules, then load (brownout), then the user tier's budget, then the route's canary (graph/decision.py)."""
         req, t = trace.req, time.perf_counter()
         budget = self.policy.budgets.get(req.user_tier)

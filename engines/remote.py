@@ -565,7 +565,7 @@ class RemoteEngine:
             async with asyncio.timeout(self.spec.timeout_s):
                 response = await self._send(call)
                 self._raise_for_status(response)
-                body = self._json(response)
+                body = await asyncio.to_thread(self._json, response)  # a multi-MB body: off the replica's loop
                 found = self.images(body, n)
                 if len(found) != n:
                     raise RemoteBadResponse(f"{self.version}: asked for {n} images, the answer has {len(found)}")
@@ -622,7 +622,7 @@ class RemoteEngine:
 
     async def _decode(self, img: _Image) -> np.ndarray:
         if img.b64 is not None or not isinstance(img.url, str) or not img.url:
-            return decode_image(_b64(img.b64), self.native_size)
+            return await asyncio.to_thread(lambda: decode_image(_b64(img.b64), self.native_size))  # PIL, off the loop
         try:
             response = await self._client().get(img.url, follow_redirects=True)  # a signed URL: no key sent
         except httpx.TimeoutException:
@@ -632,7 +632,7 @@ class RemoteEngine:
             raise RemoteBadResponse(f"{self.version}: its image URL failed ({type(e).__name__})") from None
         if response.status_code != 200:
             raise RemoteBadResponse(f"{self.version}: its image URL answered HTTP {response.status_code}")
-        return decode_image(response.content, self.native_size)
+        return await asyncio.to_thread(decode_image, response.content, self.native_size)
 
     def _raise_if_blocked(self) -> None:
         if self.unavailable is not None:

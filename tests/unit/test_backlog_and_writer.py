@@ -161,3 +161,19 @@ def test_a_killed_writer_loses_no_acknowledged_record(tmp_path):
     store = SqliteRenderStore(tmp_path)
     missing = [rid for rid in acked if store.get(rid) is None or store.image(rid, 0) != f"png{rid[1:]}".encode()]
     assert len(acked) >= 200 and not missing, missing[:5]
+
+
+def test_close_commits_what_is_queued_before_the_thread_stops(tmp_path):
+    """A replica's graceful stop (Serve calls the ingress's __del__) closes the writer: inline answers already sent
+    must not lose their queued records."""
+    store = SqliteRenderStore(tmp_path)
+
+    async def run():
+        writer = GroupCommitWriter(store)
+        for i in range(30):
+            writer.submit(_record(i), [f"png{i}".encode()])  # not awaited: an inline answer does not wait
+        writer.close()  # at once, with records still queued
+        return writer
+    writer = asyncio.run(run())
+    assert writer.records == 30
+    assert all(store.get(f"r{i}") is not None for i in range(30))
