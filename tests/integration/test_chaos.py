@@ -75,7 +75,9 @@ def test_a_wedged_intent_classifier_costs_a_degraded_route_not_the_render(http):
     prism = r.json()["prism"]
     assert prism["intent"]["source"] == "unavailable" and prism["intent"]["label"] is None, prism["intent"]
     assert prism["degraded"] and any("intent classifier unavailable" in n for n in prism["notes"]), prism
-    assert 3 <= prism["timings_ms"]["intent"] / 1000 < 10 and elapsed < 30, (elapsed, prism["timings_ms"])
+    # 3 s less 10 ms: the timeout's timer (the event loop's clock) can fire a fraction of a millisecond before the
+    # stage's perf_counter says 3 s (seen: 2999.9 ms).
+    assert 2.99 <= prism["timings_ms"]["intent"] / 1000 < 10 and elapsed < 30, (elapsed, prism["timings_ms"])
     # Text in quotes is still found without the classifier (the has_text rules keep working).
     assert routed.status_code == 200 and routed.json()["intent"]["text_to_render"] == "OPEN", routed.text
     record = http.get(f"/faults/v1/renders/{prism['request_id']}").json()
