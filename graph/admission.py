@@ -380,6 +380,9 @@ class Admission:
                 cap = st.capacity(now, self.policy.report_stale_s)
                 parts.append(f"{t}: {st.used()} of {cap} slots in use, {user_tier!r} may use "
                              f"{class_limit(cap, self.policy.of(user_tier).share)}")
+        known = [t for t in tiers if t in self.tiers]
+        if known and all(self.tiers[t].replicas == 0 for t in known):  # not full: nothing is up to fill yet
+            why = "no replica of the tiers this request could use is running yet (starting, scaled to zero or lost)"
         wait = min((self.tiers[t].seconds_until_free(now) for t in tiers if t in self.tiers), default=1.0)
         err = CapacityError(f"{why} for user tier {user_tier!r} ({'; '.join(parts)}); retry later",
                             retry_after_s=retry_after_s(wait),

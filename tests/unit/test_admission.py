@@ -304,3 +304,18 @@ def test_paid_tiers_pass_a_full_door_and_count_against_free_ones():
         adm.door_check({"a"}, "enterprise")  # may wait for a slot: goes on to classification
     with pytest.raises(CapacityError):
         adm.door_check({"a", "b"}, "free")  # the two free slots are spoken for by the paid requests ahead
+
+
+def test_a_refusal_while_no_replica_runs_says_so_rather_than_full():
+    """Right after `serve run` the ingress answers before the generators have loaded: the 503 should say why."""
+    adm = _admission()
+    adm.set_running({"a": 0, "b": 0})
+    with pytest.raises(CapacityError) as refused:
+        adm.door_check({"a", "b"}, "free")
+    assert "no replica of the tiers this request could use is running yet" in str(refused.value)
+    assert refused.value.retry_after_s >= 1 and refused.value.details[0]["reason"] == "capacity"
+    adm.set_running({"a": 1, "b": 0})  # one tier up and full: "full" again
+    asyncio.run(adm.admit(["a"], "free"))
+    with pytest.raises(CapacityError) as full:
+        adm.door_check({"a", "b"}, "free")
+    assert "is full" in str(full.value)
