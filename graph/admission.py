@@ -383,7 +383,7 @@ class Admission:
         known = [t for t in tiers if t in self.tiers]
         if known and all(self.tiers[t].replicas == 0 for t in known):  # not full: nothing is up to fill yet
             why = "no replica of the tiers this request could use is running yet (starting, scaled to zero or lost)"
-        wait = min((self.tiers[t].seconds_until_free(now) for t in tiers if t in self.tiers), default=1.0)
+        wait = min((self.tiers[t].seconds_until_free(now) for t in known), default=1.0)
         err = CapacityError(f"{why} for user tier {user_tier!r} ({'; '.join(parts)}); retry later",
                             retry_after_s=retry_after_s(wait),
                             details=[{"reason": "capacity", "user_tier": user_tier, "tiers": tiers}])

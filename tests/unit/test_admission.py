@@ -160,14 +160,20 @@ def test_fallbacks_of_admitted_work_are_never_refused():
     assert asyncio.run(run()).forced
 
 
+async def _held_and_awaited(adm: Admission) -> tuple:
+    """Tier a's one slot held by a free request, and an enterprise request queued for it: (the ticket, the waiter)."""
+    held = await adm.admit(["a"], "free")
+    waiting = asyncio.ensure_future(adm.admit(["a"], "enterprise"))
+    await asyncio.sleep(0.01)
+    return held, waiting
+
+
 def test_paid_tiers_wait_for_the_next_slot_ahead_of_free():
     policy = {"classes": {"free": ClassPolicy(), "enterprise": ClassPolicy(max_wait_ms=2000)}}
 
     async def run():
         adm = _admission(**policy)
-        held = await adm.admit(["a"], "free")
-        waiting = asyncio.ensure_future(adm.admit(["a"], "enterprise"))
-        await asyncio.sleep(0.01)
+        held, waiting = await _held_and_awaited(adm)
         with pytest.raises(CapacityError):  # free never waits, and the freed slot is promised to enterprise
             await adm.admit(["a"], "free")
         adm.release(held)
@@ -200,9 +206,7 @@ def test_a_waiter_that_is_cancelled_is_never_granted_the_slot():
 
     async def run():
         adm = _admission(**policy)
-        held = await adm.admit(["a"], "free")
-        waiting = asyncio.ensure_future(adm.admit(["a"], "enterprise"))
-        await asyncio.sleep(0.01)
+        held, waiting = await _held_and_awaited(adm)
         waiting.cancel()
         with pytest.raises(asyncio.CancelledError):
             await waiting
