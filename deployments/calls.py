@@ -48,7 +48,8 @@ async def call_within(response, deadline: float | None, stage: str, attempt_dead
     try:
         if timeout is not None and timeout <= 0:
             raise TimeoutError
-        return await asyncio.wait_for(response, timeout)
+        async with asyncio.timeout(timeout):  # not wait_for: on 3.11 it drops a cancel that meets the answer
+            return await response
     except TimeoutError:
         response.cancel()
         if attempt_deadline is not None and attempt_deadline < deadline:

@@ -171,7 +171,8 @@ class Generator:
             return
         self.stats["health_probes"] += 1
         try:
-            out = await asyncio.wait_for(asyncio.to_thread(self._probe), self.spec.health_probe_timeout_s)
+            async with asyncio.timeout(self.spec.health_probe_timeout_s):
+                out = await asyncio.to_thread(self._probe)
             check_image(out, (self.spec.native_size, self.spec.native_size), allow_flat=True)
             self.health.ok()
         except ReplicaUnhealthy:

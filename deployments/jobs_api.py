@@ -214,7 +214,8 @@ class JobRoutes:
             while True:
                 if jid in self.job_tasks:  # runs here: its events arrive as they happen
                     try:
-                        kind, data = await asyncio.wait_for(queue.get(), 15)
+                        async with asyncio.timeout(15):
+                            kind, data = await queue.get()
                     except TimeoutError:
                         yield b": keep-alive\n\n"
                         continue

@@ -200,7 +200,8 @@ class IntentStage:
             return IntentResult(label=intent, confidence=1.0, scores={intent: 1.0}, source="override",
                                 text_to_render=text or extract_text(prompt)), None
         try:
-            raw, embedding = await asyncio.wait_for(self.classify(prompt), timeout_s)
+            async with asyncio.timeout(timeout_s):  # not wait_for: on 3.11 a cancel that meets the answer is dropped
+                raw, embedding = await self.classify(prompt)
             result = IntentResult.model_validate(raw)
         except Exception as e:  # wedged (timeout) or broken: route without it
             logging.getLogger("prism.intent").warning("intent stage unavailable (%s); routing without an intent",

@@ -185,6 +185,23 @@ def test_paid_tiers_wait_for_the_next_slot_ahead_of_free():
     assert got.tier == "a" and got.user_tier == "enterprise" and got.waited_ms >= 5
 
 
+def test_a_cancel_that_meets_the_grant_still_cancels_and_frees_the_slot():
+    # The slot frees and the job is cancelled in the same loop turn: Python 3.11's wait_for returned the ticket there
+    # (cpython gh-86296) and the cancelled job rendered anyway (seen in CI: a cancelled queued job "succeeded").
+    policy = {"classes": {"free": ClassPolicy(), "enterprise": ClassPolicy(max_wait_ms=5000)}}
+
+    async def run():
+        adm = _admission(**policy)
+        held, waiting = await _held_and_awaited(adm)
+        adm.release(held)  # grants the waiter its slot now
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        return adm.snapshot()["a"]
+    snap = asyncio.run(run())
+    assert snap["used"] == 0 and snap["waiting"] == 0
+
+
 def test_a_wait_that_runs_out_is_a_refusal():
     policy = {"classes": {"pro": ClassPolicy(max_wait_ms=50)}}
 

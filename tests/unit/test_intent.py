@@ -1,8 +1,10 @@
 """Intent: text-extraction rules and the real MiniLM + trained head on held-out and external prompts."""
 
+import asyncio
+
 import pytest
 
-from engines.intent import DATA_DIR, IntentModel, accuracy, extract_text, load_jsonl, split
+from engines.intent import DATA_DIR, IntentModel, IntentStage, accuracy, extract_text, load_jsonl, split
 
 EXTRACT = [
     pytest.param('a poster that says "GRAND OPENING"', "GRAND OPENING", id="double_quotes"),
@@ -45,3 +47,31 @@ def test_rule_and_scores_shape(model):
     assert out[0]["text_to_render"] == "GRAND OPENING"
     assert out[1]["label"] == "icon" and out[1]["source"] == "classifier"
     assert sum(out[1]["scores"].values()) == pytest.approx(1.0, abs=1e-3)
+
+
+class _StageAnsweringOnCue(IntentStage):
+    """Injects a timing fault: the classifier's answer arrives when the test says, in the same turn as a cancel."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.cue = None
+
+    async def classify(self, prompt):
+        self.cue = asyncio.get_running_loop().create_future()
+        return await self.cue
+
+
+def test_a_cancel_that_meets_the_classifiers_answer_still_cancels(model):
+    # An async job cancelled while its prompt is classified: Python 3.11's wait_for returned the answer when both
+    # came in one loop turn (cpython gh-86296), and the cancelled job went on to render.
+    async def run():
+        stage = _StageAnsweringOnCue(model)
+        task = asyncio.ensure_future(stage.intent_of("a red star", None, None, 10))
+        while stage.cue is None:
+            await asyncio.sleep(0)
+        stage.cue.set_result(({"label": "photo", "confidence": 1.0, "scores": {}, "source": "model",
+                               "text_to_render": None}, [0.0]))
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    asyncio.run(run())

@@ -82,6 +82,19 @@ def test_past_the_deadline_cancels_the_call_and_is_a_504():
     assert response.cancelled
 
 
+def test_a_cancel_that_meets_the_answer_is_a_cancel():
+    # A job cancelled as its render's answer comes in: Python 3.11's wait_for returned the answer (cpython gh-86296).
+    async def run():
+        answer = asyncio.get_running_loop().create_future()
+        task = asyncio.ensure_future(call_within(answer, time.perf_counter() + 10, "generate:fast"))
+        await asyncio.sleep(0)
+        answer.set_result("rendered")
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    asyncio.run(run())
+
+
 class _Handle_fault_injecting:
     """A tier's handle whose generate.remote(job) answers with a fault-injecting response."""
 
