@@ -43,9 +43,14 @@ class OpsRoutes:
 
     @app.get("/healthz")
     async def healthz(self) -> dict:
-        """Liveness of the ingress and the policy it serves."""
+        """Liveness of the ingress and the policy it serves (200 while it serves at all), and `ready`: every tier has
+        a replica running, so each route renders on its own tier (before that, on a fallback tier that is up, or a
+        503 + Retry-After). Start-up scripts wait for `ready`; a scaled-to-zero tier reads not ready."""
+        self.reports.start()  # the controller's replica counts are polled from the first request (or this)
+        replicas = self.admission.running()
         return {"status": "ok", "auth": self.auth_mode, "policy_version": self.policy.version if self.policy else None,
-                "tiers": sorted(self.generators), "replica": serve.get_replica_context().replica_id.unique_id}
+                "tiers": sorted(self.generators), "replica": serve.get_replica_context().replica_id.unique_id,
+                "ready": all(replicas.values()), "replicas": replicas}
 
     @app.get("/v1/policy")
     async def get_policy(self, request: Request) -> dict:

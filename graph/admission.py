@@ -233,6 +233,14 @@ class Admission:
             st.running = st.replicas = n
         self._wake_all()
 
+    def running(self) -> dict[str, int | None]:
+        """Replicas Serve's controller has RUNNING per tier (None: not heard yet)."""
+        return {t: st.running for t, st in self.tiers.items()}
+
+    def alive(self, tier: str) -> bool:
+        """Has the tier a replica left that this ingress has not just seen die?"""
+        return self.tiers[tier].capacity(time.monotonic(), self.policy.report_stale_s) > 0
+
     def replica_died(self, tier: str) -> None:
         """A call saw its replica die: its slots are gone now, before any report says so."""
         self.tiers[tier].deaths.append(time.monotonic())

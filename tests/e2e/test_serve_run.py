@@ -43,9 +43,10 @@ def served(tmp_path_factory):
         while time.monotonic() < deadline:
             assert proc.poll() is None, f"serve run exited early:\n{log.read_text()[-3000:]}"
             try:
-                # /v1/route needs the ingress and the classifier; a render needs a generator replica up too: until
-                # then admission refuses it with 503 + Retry-After, and a client (as a user's would) tries again.
-                if httpx.post(f"{base}/v1/route", json={"prompt": "an app icon"}, timeout=5).status_code == 200 and \
+                # /healthz is ready once every tier runs a replica (before, a poster may render on a fallback tier:
+                # CI saw the README's curl answered by `standard`); then a render answers.
+                health = httpx.get(f"{base}/healthz", timeout=5)
+                if health.status_code == 200 and health.json()["ready"] and \
                         httpx.post(f"{base}/v1/images/generations", json={"prompt": "an app icon", "size": "64x64"},
                                    timeout=60).status_code == 200:
                     break

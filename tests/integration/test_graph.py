@@ -1,6 +1,7 @@
 """The real graph over HTTP: intent -> route -> generator tier -> upscaler -> PNG of the requested size."""
 
 import io
+import time
 
 import pytest
 from PIL import Image
@@ -145,6 +146,14 @@ def test_client_request_id_is_echoed(http):
 @pytest.mark.parametrize("path", ["/healthz", "/docs", "/openapi.json", "/v1/models", "/v1/load", "/v1/tiers"])
 def test_service_endpoints(http, path):
     assert http.get(path).status_code == 200
+
+
+def test_healthz_is_ready_once_every_tier_runs_a_replica(http):
+    deadline = time.monotonic() + 30  # the controller's counts are polled each second from the first request
+    while not (health := http.get("/healthz").json())["ready"]:
+        assert time.monotonic() < deadline, health
+        time.sleep(0.2)
+    assert set(health["replicas"]) == set(health["tiers"]) and all(n >= 1 for n in health["replicas"].values())
 
 
 def test_the_operator_routes_need_an_admin_key_even_where_keys_are_optional(http, admin_headers):
