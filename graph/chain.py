@@ -21,7 +21,8 @@ class ChainWalk:
     """Where a request is on its route's chain: the tier and guidance to try now, and what was tried.
 
     Example: chain [typography, standard], factor 0.5, a NaN on typography at guidance 3.0 -> typography again at
-    1.5; a second NaN -> standard at the request's own guidance; a replica death -> the same tier once more.
+    1.5; a second NaN -> standard at the request's own guidance; a replica death -> the same tier once more (the
+    next tier at once when this one has no live replica left).
     """
 
     tiers: list[str]
@@ -46,13 +47,17 @@ class ChainWalk:
         """The tier to try now, or None when the chain or its budget is spent."""
         return self.tiers[self.index] if self.index < len(self.tiers) and self.attempts < self.budget else None
 
-    def failed(self, reason: str, tier_guidance: float) -> None:
-        """Move on after a failed attempt on the current tier (whose default guidance is `tier_guidance`)."""
+    def failed(self, reason: str, tier_guidance: float, tier_alive: bool = True) -> None:
+        """Move on after a failed attempt on the current tier (whose default guidance is `tier_guidance`;
+        `tier_alive`: the tier still has a live replica)."""
         tier = self.tiers[self.index]
         if reason == "replica_died" and tier not in self.died:
-            # The dead replica returned nothing: the render runs once more on a live (or replacement) replica of the
-            # same tier, outside the retry budget (the model did not fail); a second death moves down the chain.
+            # The dead replica returned nothing: the render runs once more, outside the retry budget (the model did
+            # not fail), on a live replica of the same tier; with none left, on the next tier now rather than
+            # waiting out a replacement's start past the deadline (a 504). A second death counts as a failure.
             self.died.add(tier)
+            if not tier_alive and self.index + 1 < len(self.tiers):
+                self.index, self.guidance, self.lowered = self.index + 1, self.base_guidance, False
             return
         self.attempts += 1
         if reason in GUIDANCE_CURABLE and self.factor and not self.lowered:

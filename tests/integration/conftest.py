@@ -133,7 +133,9 @@ def faults_app(base_app: dict, extra_tiers: dict | None = None) -> dict:
         # 60-s deadlines: a first render on a fresh replica of a loaded 2-core machine took past 20 s (a 504).
         "slowbuiltin_only": {"tier": "slowbuiltin", "fallbacks": [], "max_latency_ms": 60000},
         "slowbuiltin": {"tier": "slowbuiltin", "fallbacks": ["ok"], "max_latency_ms": 60000},
-        "dies": {"tier": "dies", "fallbacks": ["ok"], "max_latency_ms": 60000},
+        # Nothing to fall back to: a render whose replica died runs again on the replacement (with a fallback tier
+        # it would move there at once, as the chaos burst's renders do: no 504 waiting out the restart).
+        "dies": {"tier": "dies", "fallbacks": [], "max_latency_ms": 60000},
         "brown": {"tier": "held2", "fallbacks": [], "max_latency_ms": 30000,
                   "brownout": {"max_inflight": 1, "route": "ok"}},
         # Half the traffic to a canary that always renders NaN: protected by falling back to `ok`, and rolled

@@ -281,10 +281,21 @@ def test_the_controllers_running_count_sets_capacity_and_absorbs_deaths_seen_her
     adm.set_running({"a": 2})
     adm.replica_died("a")
     assert adm.snapshot()["a"]["capacity"] == 1  # at once, before the controller knows
+    assert adm.alive("a")
     adm.set_running({"a": 1})  # the controller caught up: the death is not subtracted twice
     assert adm.snapshot()["a"]["capacity"] == 1
     adm.set_running({"a": 2})  # the replacement is running
     assert adm.snapshot()["a"]["capacity"] == 2
+
+
+def test_a_tier_whose_only_replica_died_is_not_alive_until_one_runs_again():
+    adm = _admission(replicas=1)
+    adm.set_running({"a": 1})
+    adm.replica_died("a")
+    assert not adm.alive("a") and adm.alive("b")
+    adm.set_running({"a": 0})  # the controller counts the death
+    adm.set_running({"a": 1})  # and then the replacement
+    assert adm.alive("a")
 
 
 def test_a_flood_arriving_at_once_passes_the_door_only_as_far_as_there_are_free_slots():

@@ -52,6 +52,14 @@ def test_a_replica_death_retries_the_same_tier_once():
     assert walk.tier == "b"
 
 
+def test_a_replica_death_with_no_live_replica_left_moves_on_at_once_outside_the_budget():
+    walk = ChainWalk.of(_decision(max_attempts=1), guidance=None)
+    walk.failed("replica_died", 3.0, tier_alive=False)
+    assert walk.tier == "b"  # not waiting for a's replacement; the budget of one attempt is still whole
+    walk.failed("replica_died", 3.0, tier_alive=False)
+    assert walk.tier == "b"  # the last tier: wait for its replacement, within the deadline
+
+
 def test_nan_lowers_guidance_on_the_same_model_before_switching():
     walk = ChainWalk.of(_decision(retry_guidance_factor=0.5), guidance=None)
     walk.failed("nan", tier_guidance=3.0)
