@@ -14,7 +14,7 @@ from fastapi import Header, Request
 from fastapi.responses import JSONResponse
 from ray import serve
 
-from deployments.jobs_api import ASYNC_RESPONSES, PREFER_DOC, JobRoutes, wants_async
+from deployments.jobs_api import ASYNC_RESPONSES, PREFER_DOC, JobRoutes
 from deployments.ops_api import OpsRoutes, app
 from deployments.records_api import RecordRoutes
 from deployments.reports import ReportPoller
@@ -29,6 +29,7 @@ from graph.cost import SpendLedger, StoreSpend
 from graph.decision import Situation, reachable_tiers, route_request
 from graph.errors import InvalidRequest, PrismError
 from graph.http import caller_of, request_id_of
+from graph.jobs import wants_async
 from graph.keys import Access
 from graph.metrics import PrismMetrics
 from graph.outcomes import Outcomes, answer_body, prism_info

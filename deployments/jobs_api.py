@@ -10,12 +10,9 @@ saturated system refuses with 503 + Retry-After instead of accepting a job that 
 # No `from __future__ import annotations`: FastAPI must see real types on the methods Serve wraps.
 
 import asyncio
-import json
 import logging
-import os
 import time
 
-import httpx
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
@@ -23,29 +20,18 @@ from deployments.ops_api import app
 from graph.auth import Caller, can_see
 from graph.errors import Conflict, InvalidRequest, NotFound, NotSupported, PrismError
 from graph.http import caller_of
-from graph.jobs import TERMINAL, JobStore, retry_delay, sign_webhook, webhook_refusal
+from graph.jobs import TERMINAL, JobStore, Webhooks, job_view, progress_of, sse, store_progress
 from graph.schemas import GenerationRequest
 from graph.trace import Trace
 
 log = logging.getLogger("prism.jobs")
 
-ENV_WEBHOOK_SECRET = "PRISM_WEBHOOK_SECRET"
 PREFER_DOC = ("`respond-async`: answer 202 Accepted at once with a job (Location: /v1/jobs/{id}) instead of holding "
               "the connection for the render (RFC 7240).")
 ASYNC_RESPONSES = {202: {"description": "Prefer: respond-async: the job, queued (poll its Location, or stream "
                                         "/v1/jobs/{id}/events)"}}
 BEAT_S, STALE_S = 1.0, 6.0  # replicas beat for their jobs every second; one silent for 6 s has its jobs adopted
 STORE_EVERY_S = 0.25  # progress reaches the store (other replicas' listeners) at most this often, and on stage changes
-
-
-def wants_async(prefer: str | None) -> bool:
-    """RFC 7240: `Prefer: respond-async` (among other preferences, any case)."""
-    return prefer is not None and any(p.split("=")[0].strip().lower() == "respond-async"
-                                      for p in prefer.split(","))
-
-
-def sse(event: str, data: dict) -> bytes:
-    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
 
 
 class JobRoutes:
@@ -57,8 +43,8 @@ class JobRoutes:
         self.job_listeners: dict[str, set[asyncio.Queue]] = {}
         self.job_stored_at: dict[str, tuple[float, str]] = {}  # last progress write: (when, stage)
         self.job_progress_hooks: set[str] = set()  # jobs whose webhook asked for progress events
-        self.webhook_spec = webhooks
-        self.webhook_http = None
+        self.webhooks = Webhooks(self.jobs, webhooks,
+                                 lambda outcome: self.metrics.webhooks.inc(tags={"outcome": outcome}))
         self.job_loop: asyncio.Task | None = None
 
     async def check_health(self) -> None:
@@ -132,12 +118,9 @@ class JobRoutes:
     async def _check_webhook(self, req: GenerationRequest) -> None:
         if req.webhook is None:
             return
-        if not os.environ.get(ENV_WEBHOOK_SECRET, "").startswith("whsec_"):
-            raise NotSupported(f"webhooks are signed with ${ENV_WEBHOOK_SECRET} (a whsec_ secret), which this "
-                               "deployment does not set", param="webhook")
-        refusal = await asyncio.to_thread(webhook_refusal, req.webhook, self.webhook_spec.get("allow_private", False),
-                                          self.webhook_spec.get("allow_hosts") or ())  # DNS: off the event loop
-        if refusal is not None:
+        if (problem := self.webhooks.secret_problem()) is not None:
+            raise NotSupported(problem, param="webhook")
+        if (refusal := await self.webhooks.refusal(req.webhook)) is not None:
             raise InvalidRequest(f"`webhook` {refusal}", param="webhook")
 
     def _launch(self, trace: Trace, door, counted: bool) -> None:
@@ -178,7 +161,8 @@ class JobRoutes:
             queue.put_nowait((status, view))
         job = await self._job(jid)
         if job.get("request", {}).get("webhook"):
-            asyncio.ensure_future(self._deliver(jid, "completed", {"type": f"image.generation.{status}", "data": view}))
+            asyncio.ensure_future(self.webhooks.deliver(jid, "completed", {"type": f"image.generation.{status}",
+                                                                           "data": view}))
 
     def _progress(self, jid: str, event: dict) -> None:
         """A stage or step of a running job: to this replica's listeners at once, to the store (other replicas'
@@ -186,19 +170,17 @@ class JobRoutes:
         if event.get("stage") == "generate" and "queued_ms" in event:
             asyncio.ensure_future(asyncio.to_thread(self.jobs.update, jid, "running"))
             self.metrics.job_queued.observe(event["queued_ms"])
-        progress = {k: v for k, v in event.items() if k in ("stage", "step", "steps", "tier")}
+        progress = progress_of(event)
         for queue in self.job_listeners.get(jid, ()):  # listeners get the preview too; the store keeps no pixels
             queue.put_nowait(("progress", {**progress, **({"preview": event["preview"]} if "preview" in event
                                                             else {})}))
-        last_at, last_stage = self.job_stored_at.get(jid, (0.0, ""))
         now = time.monotonic()
-        if progress["stage"] != last_stage or now - last_at >= STORE_EVERY_S or progress.get("step") == \
-                progress.get("steps"):
+        if store_progress(progress, self.job_stored_at.get(jid, (0.0, "")), now, STORE_EVERY_S):
             self.job_stored_at[jid] = (now, progress["stage"])
             asyncio.ensure_future(asyncio.to_thread(self.jobs.update, jid, None, progress=progress))
         if jid in self.job_progress_hooks:
-            asyncio.ensure_future(self._deliver(jid, "progress", {"type": "image.generation.progress",
-                                                                  "data": {"id": jid, "progress": progress}}))
+            asyncio.ensure_future(self.webhooks.deliver(jid, "progress", {"type": "image.generation.progress",
+                                                                          "data": {"id": jid, "progress": progress}}))
 
     async def _job_stream(self, job: dict):
         """The events of one job: from this replica's runner when it runs here, else from the store."""
@@ -253,61 +235,12 @@ class JobRoutes:
 
     async def _job_view(self, job: dict) -> dict:
         """The job as the API shows it: on success `result` is exactly the synchronous answer."""
-        view = {"id": job["id"], "object": "image.generation.job", "status": job["status"],
-                "created": job["created"], "updated": job["updated"], "progress": job.get("progress")}
-        request = job.get("request") or {}
-        if request.get("webhook"):
-            view["webhook"] = {"url": request["webhook"], "events": request.get("webhook_events"),
-                               "deliveries": job.get("deliveries", [])}
+        view = job_view(job)
         if job["status"] == "succeeded":
-            req = GenerationRequest.model_validate(request)
-            trace = Trace(rid=job["id"], req=req, base_url=job.get("base_url", ""))
-            view["result"] = await self.outcomes.stored_answer(trace)
-        elif job["status"] == "failed":
-            view["error"] = job.get("error")
+            req = GenerationRequest.model_validate(job.get("request") or {})
+            view["result"] = await self.outcomes.stored_answer(Trace(rid=job["id"], req=req,
+                                                                     base_url=job.get("base_url", "")))
         return view
-
-    # ---- webhooks --------------------------------------------------------------------------------------------
-
-    async def _deliver(self, jid: str, event: str, payload: dict) -> None:
-        """POST one event, signed (Standard Webhooks), retried with backoff; every attempt is recorded on the job.
-        The target is checked again at each attempt (a name may have been re-pointed) and redirects are not
-        followed."""
-        job = await self._job(jid)
-        url = job["request"]["webhook"]
-        if event not in (job["request"].get("webhook_events") or ["completed"]):
-            return
-        if self.webhook_http is None:
-            self.webhook_http = httpx.AsyncClient(timeout=10, follow_redirects=False)
-        msg_id = f"msg_{jid}_{event}_{int(time.time() * 1000)}"
-        body = json.dumps({**payload, "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}).encode()
-        secret = os.environ.get(ENV_WEBHOOK_SECRET, "")
-        attempt = 0
-        while True:
-            attempt += 1
-            refusal = await asyncio.to_thread(webhook_refusal, url, self.webhook_spec.get("allow_private", False),
-                                              self.webhook_spec.get("allow_hosts") or ())
-            status, error = None, refusal
-            if refusal is None:
-                stamp = int(time.time())
-                headers = {"content-type": "application/json", "webhook-id": msg_id,
-                           "webhook-timestamp": str(stamp), "webhook-signature": sign_webhook(secret, msg_id, stamp,
-                                                                                              body)}
-                try:
-                    status = (await self.webhook_http.post(url, content=body, headers=headers)).status_code
-                except httpx.HTTPError as e:
-                    error = type(e).__name__
-            ok = status is not None and 200 <= status < 300
-            delay = None if ok or refusal else retry_delay(attempt)
-            outcome = "delivered" if ok else "refused" if refusal else "retried" if delay is not None else "failed"
-            self.metrics.webhooks.inc(tags={"outcome": outcome})
-            record = {"event": event, "id": msg_id, "attempt": attempt, "status": status, "error": error,
-                      "outcome": outcome, "at": time.time()}
-            deliveries = ((await self._job(jid)).get("deliveries") or []) + [record]
-            await asyncio.to_thread(self.jobs.update, jid, None, deliveries=deliveries)
-            if delay is None:
-                return
-            await asyncio.sleep(delay)
 
     # ---- staying alive ---------------------------------------------------------------------------------------
 

@@ -1,5 +1,6 @@
-"""Async jobs (issue 18), the parts without Ray: the job table in the records database, the webhook signature of the
-Standard Webhooks specification, which webhook targets a profile allows (SSRF), and when to retry a delivery.
+"""Async jobs (issue 18), the parts without Ray: the job table in the records database, what a job looks like to its
+caller and when its progress is stored, the webhook signature of the Standard Webhooks specification, which webhook
+targets a profile allows (SSRF), and the delivery of webhook events with their retries.
 
 Standard Webhooks (https://www.standardwebhooks.com/, spec "Signature scheme"): headers `webhook-id`,
 `webhook-timestamp` (unix seconds) and `webhook-signature` = space-separated `v1,<base64 HMAC-SHA256>` over
@@ -8,11 +9,13 @@ Standard Webhooks (https://www.standardwebhooks.com/, spec "Signature scheme"): 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
 import ipaddress
 import json
+import os
 import socket
 import sqlite3
 import threading
@@ -22,6 +25,8 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
+import httpx
+
 from graph.records import BUSY_TIMEOUT_MS, ensure_schema
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "canceled"]
@@ -30,6 +35,46 @@ SECRET_PREFIX = "whsec_"
 # Seconds before each retry of a failed delivery: quick first (a receiver restarting), then backing off to 10 min.
 RETRY_DELAYS_S = (1.0, 5.0, 30.0, 120.0, 600.0)
 TIMESTAMP_TOLERANCE_S = 300  # what the spec recommends a receiver accept
+ENV_WEBHOOK_SECRET = "PRISM_WEBHOOK_SECRET"
+PROGRESS_KEYS = ("stage", "step", "steps", "tier")  # what the store and the API keep of a progress event
+
+
+# ---- what a caller sees ---------------------------------------------------------------------------------------
+
+def wants_async(prefer: str | None) -> bool:
+    """RFC 7240: `Prefer: respond-async` (among other preferences, any case)."""
+    return prefer is not None and any(p.split("=")[0].strip().lower() == "respond-async"
+                                      for p in prefer.split(","))
+
+
+def sse(event: str, data: dict) -> bytes:
+    """One Server-Sent Event."""
+    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+
+def job_view(job: dict) -> dict:
+    """The job as the API shows it, but for a succeeded job's `result` (its stored answer, read by the caller)."""
+    view = {"id": job["id"], "object": "image.generation.job", "status": job["status"], "created": job["created"],
+            "updated": job["updated"], "progress": job.get("progress")}
+    request = job.get("request") or {}
+    if request.get("webhook"):
+        view["webhook"] = {"url": request["webhook"], "events": request.get("webhook_events"),
+                           "deliveries": job.get("deliveries", [])}
+    if job["status"] == "failed":
+        view["error"] = job.get("error")
+    return view
+
+
+def progress_of(event: dict) -> dict:
+    return {k: v for k, v in event.items() if k in PROGRESS_KEYS}
+
+
+def store_progress(progress: dict, last: tuple[float, str], now: float, every_s: float) -> bool:
+    """Does this progress event go to the store (other replicas' listeners, a late GET)? On a stage change, on the last
+    step (and any event without steps), else at most every `every_s` (`last`: when, and at what stage, it was last
+    stored)."""
+    last_at, last_stage = last
+    return progress["stage"] != last_stage or now - last_at >= every_s or progress.get("step") == progress.get("steps")
 
 
 # ---- webhook signatures ---------------------------------------------------------------------------------------
@@ -62,6 +107,14 @@ def verify_webhook(secret: str, headers: dict[str, str], body: bytes, now: float
 def retry_delay(attempt: int) -> float | None:
     """Seconds to wait before delivery attempt `attempt + 1` (attempt counts from 1); None: give up."""
     return RETRY_DELAYS_S[attempt - 1] if 1 <= attempt <= len(RETRY_DELAYS_S) else None
+
+
+def delivery_outcome(status: int | None, refused: bool, attempt: int) -> tuple[str, float | None]:
+    """(outcome, seconds until the next attempt or None) of delivery attempt `attempt`: a 2xx is delivered, a refused
+    target is not tried again, anything else is retried while the backoff lasts."""
+    ok = status is not None and 200 <= status < 300
+    delay = None if ok or refused else retry_delay(attempt)
+    return ("delivered" if ok else "refused" if refused else "retried" if delay is not None else "failed"), delay
 
 
 # ---- which targets a profile allows ---------------------------------------------------------------------------
@@ -204,3 +257,61 @@ class JobStore:
 
     def close(self) -> None:
         self._conn.close()
+
+
+# ---- delivering webhook events --------------------------------------------------------------------------------
+
+class Webhooks:
+    """A deployment's webhook deliveries: each event POSTed signed (Standard Webhooks, keyed by $PRISM_WEBHOOK_SECRET),
+    retried with backoff, every attempt recorded on the job; the target is checked again at each attempt (a name may
+    have been re-pointed) and redirects are not followed."""
+
+    def __init__(self, jobs: JobStore | None, spec: dict, count: Callable[[str], None]):
+        self.jobs, self.count = jobs, count  # count(outcome): the deliveries metric
+        self.allow_private, self.allow_hosts = spec.get("allow_private", False), spec.get("allow_hosts") or ()
+        self.http = None
+
+    @staticmethod
+    def secret_problem() -> str | None:
+        if not os.environ.get(ENV_WEBHOOK_SECRET, "").startswith(SECRET_PREFIX):
+            return (f"webhooks are signed with ${ENV_WEBHOOK_SECRET} (a {SECRET_PREFIX} secret), which this deployment "
+                    "does not set")
+        return None
+
+    async def refusal(self, url: str) -> str | None:
+        """Why this target is not called, or None (its name resolved off the event loop)."""
+        return await asyncio.to_thread(webhook_refusal, url, self.allow_private, self.allow_hosts)
+
+    async def deliver(self, jid: str, event: str, payload: dict) -> None:
+        """POST one event of job `jid` (when it asked for that event), retrying until delivered or given up."""
+        job = await asyncio.to_thread(self.jobs.get, jid)
+        url = job["request"]["webhook"]
+        if event not in (job["request"].get("webhook_events") or ["completed"]):
+            return
+        if self.http is None:
+            self.http = httpx.AsyncClient(timeout=10, follow_redirects=False)
+        msg_id = f"msg_{jid}_{event}_{int(time.time() * 1000)}"
+        body = json.dumps({**payload, "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}).encode()
+        attempt = 0
+        while True:
+            attempt += 1
+            status, refusal = None, await self.refusal(url)
+            error = refusal
+            if refusal is None:
+                stamp = int(time.time())
+                headers = {"content-type": "application/json", "webhook-id": msg_id, "webhook-timestamp": str(stamp),
+                           "webhook-signature": sign_webhook(os.environ.get(ENV_WEBHOOK_SECRET, ""), msg_id, stamp,
+                                                             body)}
+                try:
+                    status = (await self.http.post(url, content=body, headers=headers)).status_code
+                except httpx.HTTPError as e:
+                    error = type(e).__name__
+            outcome, delay = delivery_outcome(status, refusal is not None, attempt)
+            self.count(outcome)
+            record = {"event": event, "id": msg_id, "attempt": attempt, "status": status, "error": error,
+                      "outcome": outcome, "at": time.time()}
+            deliveries = ((await asyncio.to_thread(self.jobs.get, jid)).get("deliveries") or []) + [record]
+            await asyncio.to_thread(self.jobs.update, jid, None, deliveries=deliveries)
+            if delay is None:
+                return
+            await asyncio.sleep(delay)

@@ -1,11 +1,21 @@
-"""Async jobs without Ray: Standard Webhooks signatures, which webhook targets a profile allows, the retry schedule,
-and the job table (adoption after a replica stops beating) against real SQLite in tmp_path."""
+"""Async jobs without Ray: Standard Webhooks signatures, which webhook targets a profile allows, the retry schedule
+and delivery outcomes, what a job shows and when its progress is stored, and the job table (adoption after a replica
+stops beating) against real SQLite in tmp_path."""
 
 from __future__ import annotations
 
 import pytest
 
-from graph.jobs import JobStore, retry_delay, sign_webhook, verify_webhook, webhook_refusal
+from graph.jobs import (
+    JobStore,
+    delivery_outcome,
+    job_view,
+    retry_delay,
+    sign_webhook,
+    store_progress,
+    verify_webhook,
+    webhook_refusal,
+)
 
 # The Standard Webhooks reference vector (svix-webhooks, go/webhook_test.go TestWebhookSign; the same vector is in
 # the spec's libraries' tests).
@@ -59,6 +69,34 @@ def test_deliveries_back_off_then_stop():
     assert delays[:5] == sorted(delays[:5]) and delays[0] <= 1 and delays[5:] == [None, None]
 
 
+@pytest.mark.parametrize("status,refused,attempt,expected", [
+    (204, False, 1, ("delivered", None)), (500, False, 1, ("retried", 1.0)), (None, False, 2, ("retried", 5.0)),
+    (500, False, 6, ("failed", None)), (None, True, 1, ("refused", None)), (301, False, 1, ("retried", 1.0))])
+def test_a_deliverys_outcome_and_when_to_try_again(status, refused, attempt, expected):
+    # A redirect is not followed (SSRF): not delivered, retried like a failure.
+    assert delivery_outcome(status, refused, attempt) == expected
+
+
+def test_progress_reaches_the_store_on_stage_changes_the_last_step_and_at_most_every_interval():
+    step = {"stage": "generate", "step": 3, "steps": 150}
+    assert store_progress(step, (0.0, ""), now=10.0, every_s=0.25)  # the first of its stage
+    assert not store_progress(step, (10.0, "generate"), now=10.1, every_s=0.25)
+    assert store_progress(step, (10.0, "generate"), now=10.3, every_s=0.25)
+    assert store_progress({**step, "step": 150}, (10.0, "generate"), now=10.01, every_s=0.25)
+    assert store_progress({"stage": "post"}, (10.0, "generate"), now=10.01, every_s=0.25)
+
+
+def test_a_jobs_view_shows_its_webhook_deliveries_and_only_a_failed_jobs_error():
+    job = {"id": "j", "status": "failed", "created": 1.0, "updated": 2.0, "progress": {"stage": "generate"},
+           "error": {"code": "generation_failed"}, "request": {"webhook": "https://h.example/x"},
+           "deliveries": [{"outcome": "delivered"}]}
+    view = job_view(job)
+    assert view["object"] == "image.generation.job" and view["error"] == {"code": "generation_failed"}
+    assert view["webhook"] == {"url": "https://h.example/x", "events": None, "deliveries": [{"outcome": "delivered"}]}
+    running = job_view({**job, "status": "running", "request": {}})
+    assert "error" not in running and "webhook" not in running and "result" not in running
+
+
 def test_a_job_of_a_replica_that_stopped_beating_is_adopted_once(tmp_path):
     a, b = JobStore(tmp_path), JobStore(tmp_path)
     assert a.create("j1", "acme", "replica-a", {"request": {"prompt": "x"}}, now=100.0)
@@ -89,6 +127,6 @@ def test_an_ended_job_stays_ended_and_a_cancel_reaches_its_owner(tmp_path):
                                              ("wait=5, respond-async", True), ("return=minimal", False),
                                              (None, False), ("respond-asynchronously", False)])
 def test_prefer_respond_async_is_read_as_rfc_7240_writes_it(header, expected):
-    from deployments.jobs_api import wants_async
+    from graph.jobs import wants_async
 
     assert wants_async(header) is expected
