@@ -52,6 +52,14 @@ def key_header() -> dict[str, str]:
     return {"Authorization": f"Bearer {os.environ['PRISM_LOAD_KEY']}"} if os.environ.get("PRISM_LOAD_KEY") else {}
 
 
+def simulated_only(config: str) -> bool:
+    """Are all the profile's tiers simulated (a render sleeps, using no CPU)?"""
+    from graph.config import load_serve_config, prism_app
+
+    tiers = (prism_app(load_serve_config(ROOT / config))["args"].get("tiers") or {}).values()
+    return all(t.get("kind") == "simulated" for t in tiers)
+
+
 def make_gateway_key(config: str) -> None:
     """A gateway key in the store the server uses (the config's records dir, as the server resolves it)."""
     sys.path.insert(0, str(ROOT))
@@ -79,12 +87,14 @@ def p95(ms: list[float]) -> float:
     return statistics.quantiles(ms, n=20, method="inclusive")[-1] if len(ms) > 1 else ms[0]
 
 
-def measure_unloaded(host: str, min_samples: int, seconds: float) -> dict[str, float]:
+def measure_unloaded(host: str, min_samples: int, seconds: float, side_by_side: bool = True) -> dict[str, float]:
     """Each route's unloaded p95 (ms): the baseline the accepted requests' p95 under load is held to
     (loadtests/targets.yaml: max_accepted_p95_ratio). Each route group sends one request at a time, the groups side by
     side, for `seconds` and on until it has `min_samples`. Why not the mix one request at a time, as before: 2 rounds
     gave the standard route 8 samples, whose "p95" is their max, and a simulated model's own spread (p50 2.2 s, p95
-    3.2 s) then decided the check: a run missed it at 1.28x while Prism's own stages took 20-40 ms of each render."""
+    3.2 s) then decided the check: a run missed it at 1.28x while Prism's own stages took 20-40 ms of each render.
+    Not side by side where renders use the CPU (a profile with real models): there the groups run one after another,
+    or the renders sharing the 2 cores make the baseline slow (benchmarks/burst.py saw it 3x slow)."""
     by_route: dict[str, list[float]] = {}
     lock = threading.Lock()
 
@@ -107,7 +117,7 @@ def measure_unloaded(host: str, min_samples: int, seconds: float) -> dict[str, f
             one(prompt, tier, n, keep=True)
             n += 1
 
-    with ThreadPoolExecutor(max_workers=4) as pool:
+    with ThreadPoolExecutor(max_workers=4 if side_by_side else 1) as pool:
         list(pool.map(group, baseline_groups().values()))  # list(): a group's error is raised here
     return {route: p95(ms) for route, ms in by_route.items()}
 
@@ -145,7 +155,7 @@ def main() -> int:
         server = start_server(args.config, args.host, args.out.with_suffix(".serve.log"))
     try:
         sys.path.insert(0, str(ROOT / "loadtests"))
-        unloaded = measure_unloaded(args.host, args.unloaded_samples, args.unloaded_s)
+        unloaded = measure_unloaded(args.host, args.unloaded_samples, args.unloaded_s, simulated_only(args.config))
         print("unloaded p95 by route (ms):", {k: round(v) for k, v in sorted(unloaded.items())}, flush=True)
         args.out.with_name(args.out.name + "_unloaded.json").write_text(json.dumps(unloaded))
         run_locust(args, args.out)
