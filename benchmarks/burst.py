@@ -99,6 +99,8 @@ async def unloaded(min_samples: int, seconds: float) -> dict[str, list[float]]:
     answered = dict.fromkeys(groups, 0)  # 200s per route of the mix (the answer's own route is what is kept)
     deadline, i = time.monotonic() + seconds, 0
     while time.monotonic() < deadline or min(answered.values()) < min_samples:
+        if i > 10 * min_samples and min(answered.values()) < min_samples:  # a route that never answers: stop, say so
+            raise RuntimeError(f"unloaded baseline: after {i} rounds, 200s per route {answered}")
         for route, prompts in groups.items():
             if answered[route] < min_samples or time.monotonic() < deadline:
                 o = await send_raw(prompts[i % len(prompts)])

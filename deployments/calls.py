@@ -7,6 +7,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from ray.exceptions import (
     LocalRayletDiedError,
@@ -32,9 +33,20 @@ class ReplicaDied(Exception):
     """The replica holding the call died; Serve retries only calls not yet started (ray#47237), so the caller
     decides whether to run it again. Named by stage, not by whoever noticed (ray#61758)."""
 
-    def __init__(self, stage: str, error: str):
+    def __init__(self, stage: str, error: str, replica: str | None = None):
         super().__init__(f"{stage}: {error}")
-        self.stage, self.error = stage, error
+        self.stage, self.error, self.replica = stage, error, replica  # replica: the dead actor's id, when Ray names it
+
+
+@dataclass
+class Attempt:
+    """One model attempt on a tier, what the chain walk decides on: the failure reason (None: rendered), its detail,
+    the replica's answer, and which replica died (a `replica_died` whose actor Ray named)."""
+
+    failure: str | None
+    detail: str = ""
+    result: GenerateResult | None = None
+    dead_replica: str | None = None
 
 
 class AttemptTimeout(Exception):
@@ -60,7 +72,7 @@ async def call_within(response, deadline: float | None, stage: str, attempt_dead
     except DeploymentUnavailableError:
         raise CapacityError(f"stage {stage} has no replica available", retry_after_s=5) from None
     except REPLICA_LOST as e:
-        raise ReplicaDied(stage, type(e).__name__) from None
+        raise ReplicaDied(stage, type(e).__name__, getattr(e, "actor_id", None)) from None
     except PrismError:  # a replica's own PrismError (Ray re-raises it as one) keeps its status
         raise
     except (RayServeException, RayError) as e:  # anything else Ray raises: a clean 502 naming the stage
@@ -93,9 +105,9 @@ class Streamed:
 
 
 async def attempt(handle, tier: str, job: GenerateJob, decision: RouteDecision, deadline: float,
-                  on_event: Callable[[dict], None] | None = None) -> tuple[str | None, str, GenerateResult | None]:
-    """One model attempt on a tier -> (failure reason or None, detail, result): what the chain walk decides on.
-    With `on_event` (an async job) the call is streamed: each step and stage reaches it as it happens."""
+                  on_event: Callable[[dict], None] | None = None) -> Attempt:
+    """One model attempt on a tier. With `on_event` (an async job) the call is streamed: each step and stage reaches
+    it as it happens."""
     attempt_deadline = None
     if decision.attempt_timeout_ms:
         attempt_deadline = time.perf_counter() + decision.attempt_timeout_ms / 1000
@@ -104,16 +116,16 @@ async def attempt(handle, tier: str, job: GenerateJob, decision: RouteDecision, 
     try:
         result = await call_within(call, deadline, f"generate:{tier}", attempt_deadline=attempt_deadline)
     except AttemptTimeout:
-        return "deadline", f"no answer within attempt_timeout_ms={decision.attempt_timeout_ms}", None
+        return Attempt("deadline", f"no answer within attempt_timeout_ms={decision.attempt_timeout_ms}")
     except ReplicaDied as e:
-        return "replica_died", f"the {e.stage} replica died mid-render ({e.error})", None
+        return Attempt("replica_died", f"the {e.stage} replica died mid-render ({e.error})", dead_replica=e.replica)
     except CapacityError as e:
-        return "overloaded", e.message, None
+        return Attempt("overloaded", e.message)
     except DeadlineExceeded:
         raise
     except PrismError as e:
-        return e.code, e.message, None
+        return Attempt(e.code, e.message)
     except Exception as e:  # a replica crashed or the call failed: try the next model
         log.warning("tier %s failed: %r", tier, e)
-        return "error", type(e).__name__, None
-    return result.failure, result.detail, result
+        return Attempt("error", type(e).__name__)
+    return Attempt(result.failure, result.detail, result)

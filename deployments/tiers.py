@@ -34,10 +34,10 @@ class Tiers:
                     ticket = self.admission.force(tier, trace.req.user_tier)
                 t = time.perf_counter()
                 job.guidance = walk.guidance
-                reason, detail, result = await attempt(self.handles[tier], tier, job, decision, deadline,
-                                                       trace.on_event)
-                if reason == "replica_died":
-                    self.admission.replica_died(tier)  # its slots are gone now, before any report says so
+                tried = await attempt(self.handles[tier], tier, job, decision, deadline, trace.on_event)
+                reason, detail, result = tried.failure, tried.detail, tried.result
+                if reason == "replica_died":  # its slots are gone now, before any report says so
+                    self.admission.replica_died(tier, tried.dead_replica)
                 if result is not None:
                     trace.cost_usd += result_cost(self.specs[tier].get("cost") or {}, len(result.pngs),
                                                   result.compute_s, result.failure is not None, result.extra)

@@ -169,6 +169,7 @@ class TierState:
     reported_service_s: float | None = None
     local: list[Ticket] = field(default_factory=list)
     deaths: list[float] = field(default_factory=list)  # monotonic times this ingress saw a replica die
+    dead: dict[str, float] = field(default_factory=dict)  # replicas seen dead here -> when (set_running keeps them)
     service_s: float | None = None  # EWMA of answered renders, measured here
 
     def capacity(self, now: float, stale_s: float) -> int:
@@ -241,9 +242,19 @@ class Admission:
         """Has the tier a replica left that this ingress has not just seen die?"""
         return self.tiers[tier].capacity(time.monotonic(), self.policy.report_stale_s) > 0
 
-    def replica_died(self, tier: str) -> None:
-        """A call saw its replica die: its slots are gone now, before any report says so."""
-        self.tiers[tier].deaths.append(time.monotonic())
+    def replica_died(self, tier: str, replica: str | None = None) -> None:
+        """A call saw its replica die: its slots are gone now, before any report says so. A replica that held several
+        calls dies once (when Ray names it): counted per call, one death took a 2-replica tier's whole capacity."""
+        now, st = time.monotonic(), self.tiers[tier]
+        if replica is not None:
+            # Apart from `deaths`, which set_running trims as the controller catches up: a late call on the same
+            # dead replica must not count it again after that. Ids are never reused; 10x report_stale_s outlasts any
+            # call that was in flight on it.
+            st.dead = {r: t for r, t in st.dead.items() if now - t < 10 * self.policy.report_stale_s}
+            if replica in st.dead:
+                return
+            st.dead[replica] = now
+        st.deaths.append(now)
 
     # ---- decisions ---------------------------------------------------------------------------------
 

@@ -288,6 +288,19 @@ def test_the_controllers_running_count_sets_capacity_and_absorbs_deaths_seen_her
     assert adm.snapshot()["a"]["capacity"] == 2
 
 
+def test_a_replica_that_dies_holding_several_calls_is_one_death():
+    adm = _admission(replicas=2, slots=4)
+    adm.set_running({"a": 2})
+    for _ in range(4):  # its four renders in flight all see it die
+        adm.replica_died("a", "actor-1")
+    assert adm.snapshot()["a"]["capacity"] == 4 and adm.alive("a")  # the other replica's 4 slots
+    adm.set_running({"a": 1})  # the controller counts the death
+    adm.replica_died("a", "actor-1")  # a late call on the same dead replica
+    assert adm.snapshot()["a"]["capacity"] == 4 and adm.alive("a")
+    adm.replica_died("a", None)  # a death Ray did not name the replica of (a lost node): counted as it comes
+    assert adm.snapshot()["a"]["capacity"] == 0 and not adm.alive("a")
+
+
 def test_a_tier_whose_only_replica_died_is_not_alive_until_one_runs_again():
     adm = _admission(replicas=1)
     adm.set_running({"a": 1})

@@ -120,6 +120,6 @@ def test_an_attempt_maps_each_failure_to_a_fallback_reason(response, reason):
     from graph.schemas import GenerateJob, RouteDecision
 
     decision = RouteDecision(route="r", tier="fast", rule="x", max_latency_ms=60_000, attempt_timeout_ms=100)
-    got, detail, result = asyncio.run(attempt(_Handle_fault_injecting(response), "fast",
-                                              GenerateJob(prompt="p", seed=1), decision, time.perf_counter() + 60))
-    assert got == reason and result is None and detail
+    got = asyncio.run(attempt(_Handle_fault_injecting(response), "fast", GenerateJob(prompt="p", seed=1), decision,
+                              time.perf_counter() + 60))
+    assert got.failure == reason and got.result is None and got.detail
