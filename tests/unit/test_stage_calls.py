@@ -1,4 +1,5 @@
-"""How the ingress maps what a call to a generator raises (deployments/calls.py call_within / attempt).
+"""How the ingress maps what a call to a generator raises (deployments/calls.py call_within / attempt), and how the
+chain walk over such calls moves on after a replica death (deployments/tiers.py).
 
 The errors are Ray's own exception classes, raised by a fault-injecting awaitable standing in for a
 DeploymentResponse: the cases a lost node produces (CI saw a bare 500 when the intent replica's node died).
@@ -13,6 +14,7 @@ from ray.exceptions import (
     ActorUnavailableError,
     NodeDiedError,
     OwnerDiedError,
+    RayActorError,
     RaySystemError,
     RayTaskError,
     WorkerCrashedError,
@@ -21,6 +23,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
 from deployments.calls import ReplicaDied, attempt, call_within
 from graph.errors import CapacityError, DeadlineExceeded, InvalidRequest, PrismError, StageFailed
+from graph.schemas import GenerateResult
 
 
 class _Response_fault_injecting:
@@ -123,3 +126,44 @@ def test_an_attempt_maps_each_failure_to_a_fallback_reason(response, reason):
     got = asyncio.run(attempt(_Handle_fault_injecting(response), "fast", GenerateJob(prompt="p", seed=1), decision,
                               time.perf_counter() + 60))
     assert got.failure == reason and got.result is None and got.detail
+
+
+class _Tier_fault_injecting:
+    """A tier's handle whose calls answer in turn from `responses` (a death first, then a render), counting them."""
+
+    def __init__(self, *responses):
+        self.generate, self.responses, self.calls = self, list(responses), 0
+
+    def remote(self, job):
+        self.calls += 1
+        return self.responses.pop(0)
+
+
+def _rendered() -> GenerateResult:
+    return GenerateResult(pngs=[b"png"], model="m", model_version="1", steps=1, guidance=1.0, compute_s=0.1)
+
+
+@pytest.mark.parametrize("replicas,served_by,calls_on_a", [(1, "b", 1), (2, "a", 2)])
+def test_a_death_on_a_tiers_last_replica_moves_the_render_on_and_one_with_a_replica_left_retries_there(
+        replicas, served_by, calls_on_a):
+    from deployments.tiers import Tiers
+    from graph.admission import Admission
+    from graph.schemas import GenerateJob, GenerationRequest, RouteDecision
+    from graph.trace import Trace
+
+    async def run():
+        a = _Tier_fault_injecting(_Response_fault_injecting(RayActorError(actor_id="actor-1")),
+                                  _Response_fault_injecting(value=_rendered()))
+        b = _Tier_fault_injecting(_Response_fault_injecting(value=_rendered()))
+        adm = Admission({"a": 1, "b": 1})
+        adm.set_running({"a": replicas, "b": 1})
+        tiers = Tiers({"a": a, "b": b}, {"a": {"name": "A", "guidance": 3.0}, "b": {"name": "B", "guidance": 3.0}}, adm)
+        decision = RouteDecision(route="r", tier="a", rule="x", fallbacks=["b"], max_latency_ms=60_000)
+        trace = Trace(rid="r1", req=GenerationRequest(prompt="a red star"))
+        ticket = await adm.admit(["a", "b"], "free")
+        _, tier = await tiers.render(GenerateJob(prompt="p", seed=1), decision, ticket, time.perf_counter() + 60,
+                                     trace)
+        return tier, a.calls, [f.reason for f in trace.fallbacks], adm.snapshot()
+    tier, calls, reasons, load = asyncio.run(run())
+    assert (tier, calls, reasons) == (served_by, calls_on_a, ["replica_died"])
+    assert load["a"]["used"] == 0 and load["b"]["used"] == 0  # every slot the render held is free again
