@@ -3,7 +3,8 @@
 A user may be running `make serve` (a local Ray instance serving port 8000) or a `ray start` cluster while
 `make test` runs. Every pytest process therefore gets its own RAY_TMPDIR: its Ray sessions, sockets and address
 file live there, so `ray.init(address="local")` never meets theirs, and whatever a crashed test leaves behind is
-found by that path alone and stopped by pid — never `ray stop --force`, which would take the user's Ray down too.
+found by that path alone and stopped by pid — never a forced stop of every Ray process on the machine, which would
+take the user's Ray down too.
 """
 
 from __future__ import annotations
