@@ -52,7 +52,7 @@ class Tiers:
                     raise GenerationFailed(f"the text could not be rendered readably: {detail}", param="text")
                 trace.fallbacks.append(Fallback(model=self.specs[tier]["name"], tier=tier, reason=reason,
                                                 elapsed_ms=ms_since(t), guidance=walk.guidance, detail=detail[:300]))
-                walk.failed(reason, self.specs[tier]["guidance"], self.admission.alive(tier))
+                walk.failed(reason, self.specs[tier]["guidance"], self.admission.alive)
         finally:
             self.admission.release(ticket)
         now = time.monotonic()

@@ -5,6 +5,7 @@ an attempt costs; and the error when the whole chain failed. Pure functions and 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from graph.cost import attempt_cost
@@ -21,8 +22,9 @@ class ChainWalk:
     """Where a request is on its route's chain: the tier and guidance to try now, and what was tried.
 
     Example: chain [typography, standard], factor 0.5, a NaN on typography at guidance 3.0 -> typography again at
-    1.5; a second NaN -> standard at the request's own guidance; a replica death -> the same tier once more (the
-    next tier at once when this one has no live replica left).
+    1.5; a second NaN -> standard at the request's own guidance; a replica death -> the same tier once more (when
+    the tier has no live replica left: the next live tier at once, or, on the chain's last tier, a live tier before
+    it that admission skipped because it was full).
     """
 
     tiers: list[str]
@@ -33,6 +35,7 @@ class ChainWalk:
     index: int = 0
     lowered: bool = False
     died: set[str] = field(default_factory=set)
+    failed_on: set[str] = field(default_factory=set)  # tiers whose model failed an attempt (not a replica death)
     attempts: int = 0
 
     @classmethod
@@ -47,24 +50,38 @@ class ChainWalk:
         """The tier to try now, or None when the chain or its budget is spent."""
         return self.tiers[self.index] if self.index < len(self.tiers) and self.attempts < self.budget else None
 
-    def failed(self, reason: str, tier_guidance: float, tier_alive: bool = True) -> None:
-        """Move on after a failed attempt on the current tier (whose default guidance is `tier_guidance`;
-        `tier_alive`: the tier still has a live replica)."""
+    def failed(self, reason: str, tier_guidance: float, alive: Callable[[str], bool] | None = None) -> None:
+        """Move on after a failed attempt on the current tier (whose default guidance is `tier_guidance`; `alive`:
+        whether a tier has a live replica, every tier when not given)."""
         tier = self.tiers[self.index]
         if reason == "replica_died" and tier not in self.died:
             # The dead replica returned nothing: the render runs once more, outside the retry budget (the model did
-            # not fail), on a live replica of the same tier; with none left, on the next tier now rather than
+            # not fail), on a live replica of the same tier; with none left, on another live tier now rather than
             # waiting out a replacement's start past the deadline (a 504). A second death counts as a failure.
             self.died.add(tier)
-            if not tier_alive and self.index + 1 < len(self.tiers):
-                self.index, self.guidance, self.lowered = self.index + 1, self.base_guidance, False
+            if alive is not None and not alive(tier):
+                self.index = self._live_elsewhere(alive)
+                self.guidance, self.lowered = self.base_guidance, False
             return
         self.attempts += 1
+        self.failed_on.add(tier)
         if reason in GUIDANCE_CURABLE and self.factor and not self.lowered:
             base = self.guidance if self.guidance is not None else tier_guidance
             self.guidance, self.lowered = round(base * self.factor, 3), True
             return
         self.index, self.guidance, self.lowered = self.index + 1, self.base_guidance, False
+
+    def _live_elsewhere(self, alive: Callable[[str], bool]) -> int:
+        """The next live tier down the chain; past its end, the first live one before it whose model has not failed
+        (a render admitted on a fallback because its own tier was full); none: this tier, to wait for a replacement.
+        """
+        after = range(self.index + 1, len(self.tiers))
+        before = range(self.index)
+        for i in [*after, *before]:
+            t = self.tiers[i]
+            if alive(t) and t not in self.died and t not in self.failed_on:
+                return i
+        return self.index
 
 
 def result_cost(cost: dict, images: int, compute_s: float, failed: bool, extra: dict) -> float:

@@ -54,10 +54,33 @@ def test_a_replica_death_retries_the_same_tier_once():
 
 def test_a_replica_death_with_no_live_replica_left_moves_on_at_once_outside_the_budget():
     walk = ChainWalk.of(_decision(max_attempts=1), guidance=None)
-    walk.failed("replica_died", 3.0, tier_alive=False)
+    walk.failed("replica_died", 3.0, alive=lambda t: t != "a")
     assert walk.tier == "b"  # not waiting for a's replacement; the budget of one attempt is still whole
-    walk.failed("replica_died", 3.0, tier_alive=False)
-    assert walk.tier == "b"  # the last tier: wait for its replacement, within the deadline
+    walk.failed("replica_died", 3.0, alive=lambda t: False)
+    assert walk.tier == "b"  # no live tier anywhere: wait for b's replacement, within the deadline
+
+
+def test_a_death_with_no_live_replica_skips_a_next_tier_that_has_none_either():
+    walk = ChainWalk.of(_decision(fallbacks=["b", "c"]), guidance=None)
+    walk.failed("replica_died", 3.0, alive=lambda t: t == "c")
+    assert walk.tier == "c"
+
+
+def test_a_death_on_the_chains_last_tier_goes_back_to_a_live_tier_admission_skipped_as_full():
+    # Admitted on the fallback b because a was full; b's only replica dies: a (full, but alive) takes the render
+    # rather than the request waiting for b's replacement past its deadline.
+    walk = ChainWalk.of(_decision(fallbacks=["b"], max_attempts=1), guidance=None)
+    walk.index = 1
+    walk.failed("replica_died", 3.0, alive=lambda t: t == "a")
+    assert walk.tier == "a" and walk.attempts == 0
+
+
+def test_a_death_on_the_last_tier_does_not_go_back_to_a_tier_whose_model_failed():
+    walk = ChainWalk.of(_decision(fallbacks=["b"]), guidance=None)
+    walk.failed("nan", 3.0)
+    assert walk.tier == "b"
+    walk.failed("replica_died", 3.0, alive=lambda t: t == "a")
+    assert walk.tier == "b"  # a's model failed this request: wait for b's replacement instead
 
 
 def test_nan_lowers_guidance_on_the_same_model_before_switching():

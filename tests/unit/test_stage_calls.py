@@ -167,3 +167,29 @@ def test_a_death_on_a_tiers_last_replica_moves_the_render_on_and_one_with_a_repl
     tier, calls, reasons, load = asyncio.run(run())
     assert (tier, calls, reasons) == (served_by, calls_on_a, ["replica_died"])
     assert load["a"]["used"] == 0 and load["b"]["used"] == 0  # every slot the render held is free again
+
+
+def test_a_render_admitted_on_a_fallback_whose_last_replica_dies_is_served_by_the_routes_own_full_tier():
+    from deployments.tiers import Tiers
+    from graph.admission import Admission
+    from graph.schemas import GenerateJob, GenerationRequest, RouteDecision
+    from graph.trace import Trace
+
+    async def run():
+        a = _Tier_fault_injecting(_Response_fault_injecting(value=_rendered()))
+        b = _Tier_fault_injecting(_Response_fault_injecting(RayActorError(actor_id="actor-b")))
+        adm = Admission({"a": 1, "b": 1})
+        adm.set_running({"a": 1, "b": 1})
+        tiers = Tiers({"a": a, "b": b}, {"a": {"name": "A", "guidance": 3.0}, "b": {"name": "B", "guidance": 3.0}}, adm)
+        decision = RouteDecision(route="r", tier="a", rule="x", fallbacks=["b"], max_latency_ms=60_000)
+        holder = await adm.admit(["a"], "free")  # a is full: this request is admitted on its fallback b
+        ticket = await adm.admit(["a", "b"], "free")
+        assert ticket.tier == "b"
+        trace = Trace(rid="r1", req=GenerationRequest(prompt="a red star"))
+        _, tier = await tiers.render(GenerateJob(prompt="p", seed=1), decision, ticket, time.perf_counter() + 60,
+                                     trace)
+        adm.release(holder)
+        return tier, (a.calls, b.calls), [f.reason for f in trace.fallbacks], adm.snapshot()
+    tier, calls, reasons, load = asyncio.run(run())
+    assert (tier, calls, reasons) == ("a", (1, 1), ["replica_died"])
+    assert load["a"]["used"] == 0 and load["b"]["used"] == 0
