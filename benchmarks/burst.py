@@ -3,6 +3,7 @@ takes on pay for it. One run, one Ray instance, loopback HTTP, the seeds' prompt
 
     .venv/bin/python -m benchmarks.burst --profile sim    # serve_config.sim.yaml (H100 latency profiles)
     .venv/bin/python -m benchmarks.burst --profile cpu    # serve_config.yaml (what `make serve` runs)
+    .venv/bin/python -m benchmarks.burst --door replica   # to the ingress replica's own port, without the proxy
 
 1. unloaded: the routes' prompts in turn, one request at a time, 60 s and 20 a route: each route's unloaded p95.
 2. capacity: a closed loop at high concurrency: the goodput the profile sustains (200s per second).
@@ -37,8 +38,14 @@ from graph.config import ROOT, load_serve_config  # noqa: E402
 from graph.keys import gateway_key  # noqa: E402
 from loadtests.run import p95  # noqa: E402
 
-PORT = 18100
-BASE = f"http://127.0.0.1:{PORT}"
+PORT = 18100  # Serve's proxy
+# `--door replica`: the ingress replica's own HTTP port (Serve's direct ingress), the proxy left out of the path.
+# Serve reads these from the environment of the process that starts Ray (ray/serve/_private/constants.py).
+REPLICA_PORT = 18101
+DIRECT_INGRESS_ENV = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+                      "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(REPLICA_PORT),  # the range's end is exclusive
+                      "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(REPLICA_PORT + 1)}
+TARGET = {"port": PORT}  # where the load generator sends: the proxy, or the ingress replica's own port
 # The seeds' mix (loadtests/locustfile.py): mostly cheap work, some everyday images, a few posters and hero shots.
 MIX = ([("soft teal to purple gradient background for slides", "fast")] * 6
        + [("flat minimal app icon of a rocket", "fast")] * 5
@@ -75,7 +82,7 @@ HEADERS: dict[str, str] = {}  # the load generator's gateway key (its bodies say
 
 
 def client() -> httpx.AsyncClient:
-    return httpx.AsyncClient(base_url=BASE, timeout=300, headers=HEADERS,
+    return httpx.AsyncClient(base_url=f"http://127.0.0.1:{TARGET['port']}", timeout=300, headers=HEADERS,
                              limits=httpx.Limits(max_connections=2000, max_keepalive_connections=200))
 
 
@@ -155,16 +162,17 @@ async def at_once(n: int) -> list[Outcome]:
         return list(await asyncio.gather(*(send(c, MIX[i % len(MIX)][0]) for i in range(n))))
 
 
-async def send_raw(prompt: str, user_tier: str = "free", size: str = "256x256") -> Outcome:
+async def send_raw(prompt: str, user_tier: str = "free", size: str = "256x256", port: int | None = None) -> Outcome:
     """One request over a fresh socket with hand-written HTTP/1.1: far less client Python per request than httpx, so
     a flood measures the server, not the client that shares its 2 cores (run 4 shows both clients side by side)."""
+    port = port or TARGET["port"]
     body = json.dumps({"prompt": prompt, "size": size, "user_tier": user_tier}).encode()
     head = "".join(f"{k}: {v}\r\n" for k, v in HEADERS.items())
-    request = (f"POST /v1/images/generations HTTP/1.1\r\nhost: 127.0.0.1:{PORT}\r\ncontent-type: application/json\r\n"
+    request = (f"POST /v1/images/generations HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\ncontent-type: application/json\r\n"
                f"content-length: {len(body)}\r\nconnection: close\r\n{head}\r\n").encode() + body
     t = time.perf_counter()
     try:
-        reader, writer = await asyncio.open_connection("127.0.0.1", PORT)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(request)
         status_line = await reader.readline()
         headers = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").lower()
@@ -219,7 +227,10 @@ def show(row: dict) -> None:
 
 
 def run(profile: str, seconds: float, ingress_max_ongoing: int | None = None, at_once_only: bool = False,
-        max_total: int | None = None, render_threads: int | None = None, rate: float | None = None) -> None:
+        max_total: int | None = None, render_threads: int | None = None, rate: float | None = None,
+        door: str = "proxy") -> None:
+    if door == "replica":  # before Ray starts: its processes read the switch from the environment
+        os.environ.update(DIRECT_INGRESS_ENV)
     cfg = load_serve_config(ROOT / PROFILES[profile])
     cfg["http_options"]["port"] = PORT
     ingress = next(d for d in cfg["applications"][0]["deployments"] if d["name"] == "Ingress")
@@ -235,6 +246,10 @@ def run(profile: str, seconds: float, ingress_max_ongoing: int | None = None, at
     cfg["applications"][0]["args"].setdefault("records", {})["dir"] = records
     HEADERS["Authorization"] = f"Bearer {gateway_key(records)}"
     start(cfg)
+    if door == "replica":
+        TARGET["port"] = REPLICA_PORT
+        wait_for_port(REPLICA_PORT)
+    print(f"door: {door} (port {TARGET['port']})", flush=True)
     asyncio.run(warm())
     if at_once_only:
         print("| run | sent | 200 | refused + Retry-After | other | refusal p50 / p99 | accepted p95 / unloaded p95 |")
@@ -262,6 +277,21 @@ def run(profile: str, seconds: float, ingress_max_ongoing: int | None = None, at
                  base_p95))
 
 
+def wait_for_port(port: int, timeout_s: float = 60) -> None:
+    """The ingress replica binds its own port after it reports running: wait until it answers."""
+    import socket
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", choices=sorted(PROFILES), default="sim")
@@ -275,9 +305,12 @@ def main(argv=None) -> int:
                     help="torch threads per generator replica (OMP_NUM_THREADS; Ray's default: 1 for num_cpus < 1)")
     ap.add_argument("--rate", type=float, default=None,
                     help="the open loops' arrival rate (default: 10x the capacity this run measures)")
+    ap.add_argument("--door", choices=("proxy", "replica"), default="proxy",
+                    help="send to Serve's proxy (what `make serve` answers on) or to the ingress replica's own port "
+                         "(Serve's direct ingress, RAY_SERVE_ENABLE_DIRECT_INGRESS): what the proxy's hop costs")
     args = ap.parse_args(argv)
     run(args.profile, args.seconds, args.ingress_max_ongoing, args.at_once_only, args.max_total, args.render_threads,
-        args.rate)
+        args.rate, args.door)
     return 0
 
 
