@@ -59,9 +59,8 @@ class ChainWalk:
             # not fail), on a live replica of the same tier; with none left, on another live tier now rather than
             # waiting out a replacement's start past the deadline (a 504). A second death counts as a failure.
             self.died.add(tier)
-            if alive is not None and not alive(tier):
-                self.index = self._live_elsewhere(alive)
-                self.guidance, self.lowered = self.base_guidance, False
+            if alive is not None and not alive(tier) and (i := self._live_elsewhere(alive)) != self.index:
+                self.index, self.guidance, self.lowered = i, self.base_guidance, False
             return
         self.attempts += 1
         self.failed_on.add(tier)
@@ -75,9 +74,7 @@ class ChainWalk:
         """The next live tier down the chain; past its end, the first live one before it whose model has not failed
         (a render admitted on a fallback because its own tier was full); none: this tier, to wait for a replacement.
         """
-        after = range(self.index + 1, len(self.tiers))
-        before = range(self.index)
-        for i in [*after, *before]:
+        for i in [*range(self.index + 1, len(self.tiers)), *range(self.index)]:
             t = self.tiers[i]
             if alive(t) and t not in self.died and t not in self.failed_on:
                 return i

@@ -83,6 +83,13 @@ def test_a_death_on_the_last_tier_does_not_go_back_to_a_tier_whose_model_failed(
     assert walk.tier == "b"  # a's model failed this request: wait for b's replacement instead
 
 
+def test_a_death_with_nowhere_else_to_go_keeps_the_lowered_guidance_for_the_replacement():
+    walk = ChainWalk.of(_decision(fallbacks=[], retry_guidance_factor=0.5), guidance=None)
+    walk.failed("nan", tier_guidance=3.0)
+    walk.failed("replica_died", 3.0, alive=lambda t: False)
+    assert (walk.tier, walk.guidance) == ("a", 1.5)
+
+
 def test_nan_lowers_guidance_on_the_same_model_before_switching():
     walk = ChainWalk.of(_decision(retry_guidance_factor=0.5), guidance=None)
     walk.failed("nan", tier_guidance=3.0)
