@@ -143,53 +143,55 @@ def _rendered() -> GenerateResult:
     return GenerateResult(pngs=[b"png"], model="m", model_version="1", steps=1, guidance=1.0, compute_s=0.1)
 
 
+def _two_tiers(a, b, replicas_of_a: int = 1):
+    """Admission over tiers a and b (1 slot a replica), the Tiers over their fault-injecting handles, and a route
+    whose chain is [a, b]."""
+    from deployments.tiers import Tiers
+    from graph.admission import Admission
+    from graph.schemas import RouteDecision
+
+    adm = Admission({"a": 1, "b": 1})
+    adm.set_running({"a": replicas_of_a, "b": 1})
+    tiers = Tiers({"a": a, "b": b}, {"a": {"name": "A", "guidance": 3.0}, "b": {"name": "B", "guidance": 3.0}}, adm)
+    return adm, tiers, RouteDecision(route="r", tier="a", rule="x", fallbacks=["b"], max_latency_ms=60_000)
+
+
+async def _render_on(tiers, decision, ticket) -> tuple[str, list[str]]:
+    """(the tier that answered, the fallback reasons on the way) of one render through Tiers.render."""
+    from graph.schemas import GenerateJob, GenerationRequest
+    from graph.trace import Trace
+
+    trace = Trace(rid="r1", req=GenerationRequest(prompt="a red star"))
+    _, tier = await tiers.render(GenerateJob(prompt="p", seed=1), decision, ticket, time.perf_counter() + 60, trace)
+    return tier, [f.reason for f in trace.fallbacks]
+
+
 @pytest.mark.parametrize("replicas,served_by,calls_on_a", [(1, "b", 1), (2, "a", 2)])
 def test_a_death_on_a_tiers_last_replica_moves_the_render_on_and_one_with_a_replica_left_retries_there(
         replicas, served_by, calls_on_a):
-    from deployments.tiers import Tiers
-    from graph.admission import Admission
-    from graph.schemas import GenerateJob, GenerationRequest, RouteDecision
-    from graph.trace import Trace
-
     async def run():
         a = _Tier_fault_injecting(_Response_fault_injecting(RayActorError(actor_id="actor-1")),
                                   _Response_fault_injecting(value=_rendered()))
         b = _Tier_fault_injecting(_Response_fault_injecting(value=_rendered()))
-        adm = Admission({"a": 1, "b": 1})
-        adm.set_running({"a": replicas, "b": 1})
-        tiers = Tiers({"a": a, "b": b}, {"a": {"name": "A", "guidance": 3.0}, "b": {"name": "B", "guidance": 3.0}}, adm)
-        decision = RouteDecision(route="r", tier="a", rule="x", fallbacks=["b"], max_latency_ms=60_000)
-        trace = Trace(rid="r1", req=GenerationRequest(prompt="a red star"))
-        ticket = await adm.admit(["a", "b"], "free")
-        _, tier = await tiers.render(GenerateJob(prompt="p", seed=1), decision, ticket, time.perf_counter() + 60,
-                                     trace)
-        return tier, a.calls, [f.reason for f in trace.fallbacks], adm.snapshot()
+        adm, tiers, decision = _two_tiers(a, b, replicas_of_a=replicas)
+        tier, reasons = await _render_on(tiers, decision, await adm.admit(["a", "b"], "free"))
+        return tier, a.calls, reasons, adm.snapshot()
     tier, calls, reasons, load = asyncio.run(run())
     assert (tier, calls, reasons) == (served_by, calls_on_a, ["replica_died"])
     assert load["a"]["used"] == 0 and load["b"]["used"] == 0  # every slot the render held is free again
 
 
 def test_a_render_admitted_on_a_fallback_whose_last_replica_dies_is_served_by_the_routes_own_full_tier():
-    from deployments.tiers import Tiers
-    from graph.admission import Admission
-    from graph.schemas import GenerateJob, GenerationRequest, RouteDecision
-    from graph.trace import Trace
-
     async def run():
         a = _Tier_fault_injecting(_Response_fault_injecting(value=_rendered()))
         b = _Tier_fault_injecting(_Response_fault_injecting(RayActorError(actor_id="actor-b")))
-        adm = Admission({"a": 1, "b": 1})
-        adm.set_running({"a": 1, "b": 1})
-        tiers = Tiers({"a": a, "b": b}, {"a": {"name": "A", "guidance": 3.0}, "b": {"name": "B", "guidance": 3.0}}, adm)
-        decision = RouteDecision(route="r", tier="a", rule="x", fallbacks=["b"], max_latency_ms=60_000)
+        adm, tiers, decision = _two_tiers(a, b)
         holder = await adm.admit(["a"], "free")  # a is full: this request is admitted on its fallback b
         ticket = await adm.admit(["a", "b"], "free")
         assert ticket.tier == "b"
-        trace = Trace(rid="r1", req=GenerationRequest(prompt="a red star"))
-        _, tier = await tiers.render(GenerateJob(prompt="p", seed=1), decision, ticket, time.perf_counter() + 60,
-                                     trace)
+        tier, reasons = await _render_on(tiers, decision, ticket)
         adm.release(holder)
-        return tier, (a.calls, b.calls), [f.reason for f in trace.fallbacks], adm.snapshot()
+        return tier, (a.calls, b.calls), reasons, adm.snapshot()
     tier, calls, reasons, load = asyncio.run(run())
     assert (tier, calls, reasons) == ("a", (1, 1), ["replica_died"])
     assert load["a"]["used"] == 0 and load["b"]["used"] == 0
